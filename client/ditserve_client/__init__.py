@@ -1,0 +1,1 @@
+"""ditserve's client SDK: grpcio and protobuf only, no torch."""

@@ -1,0 +1,203 @@
+"""Typed configuration: one YAML file → one PipelineConfig, shared by every service.
+
+The same file drives the local launcher (`ditserve up --config`) and the Kubernetes
+ConfigMap. Flags override the file; environment variables are read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+WIRE_DTYPES = ("bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing or wrong, with its dotted name."""
+
+
+@dataclass
+class ModelConfig:
+    """Which DiT to serve."""
+
+    checkpoint: str = ""
+    """DiT weights: an official .pt, a diffusers folder or a ditserve .safetensors file.
+    Empty means the embedded demo model."""
+    name: str | None = None
+    """Config name such as "DiT-XL/2", needed only when the file cannot tell (official .pt
+    files of non-standard shapes)."""
+    class_names: str = ""
+    """Optional file of class names, one per line; ImageNet names for 1000-class models."""
+
+
+@dataclass
+class StageConfig:
+    """One pipeline stage."""
+
+    address: str
+    """host:port that the previous stage (or the coordinator) dials."""
+    listen: str = ""
+    """host:port to bind; empty means the address's port on all interfaces."""
+    blocks: str = ""
+    """Explicit block range "START:END"; empty means an equal share."""
+    device: str = "cpu"
+    """Compute device: "cpu", "cuda" or "cuda:N"."""
+
+    def listen_address(self) -> str:
+        return self.listen or f"[::]:{self.address.rsplit(':', 1)[-1]}"
+
+
+@dataclass
+class CoordinatorConfig:
+    """The denoising loop's service and its limits."""
+
+    address: str = "127.0.0.1:50050"
+    """host:port that clients dial."""
+    listen: str = ""
+    """host:port to bind; empty means the address's port on all interfaces."""
+    max_queued_requests: int = 64
+    """Requests admitted but not finished; beyond it Generate fails RESOURCE_EXHAUSTED."""
+    max_rows_per_microbatch: int = 16
+    """Most rows (images, times 2 with guidance) in one microbatch."""
+    microbatches_in_flight: int = 0
+    """Microbatches kept in flight along the chain; 0 means the number of stages."""
+    max_images_per_request: int = 16
+    """Most class labels one request may ask for."""
+    default_sampler: str = "ddpm"
+    """Sampler of requests that name none: "ddpm", "ddim" or "dpm-solver++"."""
+    default_guidance_scale: float = 4.0
+    """Guidance scale of requests that give none (1 disables guidance)."""
+    max_retries: int = 5
+    """Retries of a microbatch that failed UNAVAILABLE before its requests fail."""
+
+    def listen_address(self) -> str:
+        return self.listen or f"[::]:{self.address.rsplit(':', 1)[-1]}"
+
+
+@dataclass
+class DecoderConfig:
+    """The VAE decoder service."""
+
+    address: str = ""
+    """host:port of the decoder; empty means no decoder (latents only)."""
+    listen: str = ""
+    """host:port to bind; empty means the address's port on all interfaces."""
+    vae: str = ""
+    """A diffusers AutoencoderKL folder; empty means the embedded demo VAE."""
+    device: str = "cpu"
+    """Compute device of the VAE."""
+    max_batch_size: int = 8
+    """Most latents decoded in one VAE call."""
+
+    def listen_address(self) -> str:
+        return self.listen or f"[::]:{self.address.rsplit(':', 1)[-1]}"
+
+
+@dataclass
+class PipelineConfig:
+    """One whole pipeline: the model, its stages in chain order, coordinator and decoder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The DiT served."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Stages in chain order; their block ranges must tile the model."""
+    wire_dtype: str = "bf16"
+    """Activation dtype between stages: "bf16", "fp16" or "fp32"."""
+    max_batch_size: int = 32
+    """Most rows a stage accepts in one microbatch."""
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    """The coordinator."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """The decoder."""
+
+    def validate(self) -> PipelineConfig:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
+        if not self.stages:
+            raise ConfigError("stages: at least one stage is needed")
+        explicit = [bool(s.blocks) for s in self.stages]
+        if any(explicit) and not all(explicit):
+            raise ConfigError("stages: give blocks for every stage or for none")
+        for i, stage in enumerate(self.stages):
+            if ":" not in stage.address:
+                raise ConfigError(f"stages[{i}].address must be host:port, got {stage.address!r}")
+        if self.max_batch_size < 1:
+            raise ConfigError("max_batch_size must be positive")
+        return self
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """A dataclass from a YAML mapping, rejecting unknown keys by their dotted name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]}")
+    values = {}
+    for name, value in data.items():
+        values[name] = _value(fields[name], value, f"{where}.{name}" if where else name)
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise ConfigError(f"{where or 'config'}: {error}") from None
+
+
+def _value(f: dataclasses.Field, value: Any, where: str) -> Any:
+    nested = {"model": ModelConfig, "coordinator": CoordinatorConfig, "decoder": DecoderConfig}
+    if f.name in nested and f.type in (nested[f.name].__name__, nested[f.name]):
+        return _build(nested[f.name], value, where)
+    if f.name == "stages":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list")
+        return [_build(StageConfig, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
+    return _build(PipelineConfig, data, "").validate()
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Reads and validates one YAML config file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    return config_from_dict(data)
+
+
+def local_config(num_stages: int, base_port: int, checkpoint: str = "",
+                 wire_dtype: str = "bf16", vae: str = "") -> PipelineConfig:
+    """A loopback pipeline: coordinator at base_port, decoder +1, stages +2, +3, ..."""
+    stages = [StageConfig(address=f"127.0.0.1:{base_port + 2 + i}") for i in range(num_stages)]
+    return PipelineConfig(
+        model=ModelConfig(checkpoint=checkpoint), stages=stages, wire_dtype=wire_dtype,
+        coordinator=CoordinatorConfig(address=f"127.0.0.1:{base_port}"),
+        decoder=DecoderConfig(address=f"127.0.0.1:{base_port + 1}", vae=vae)).validate()
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The environment variables ditserve reads (Kubernetes sets them per pod)."""
+
+    config: str = ""
+    """DITSERVE_CONFIG: path of the pipeline YAML."""
+    stage_index: int | None = None
+    """DITSERVE_STAGE_INDEX: which stage of the config this process serves."""
+    log_level: str = "INFO"
+    """DITSERVE_LOG_LEVEL."""
+
+    @classmethod
+    def read(cls) -> Environment:
+        index = os.environ.get("DITSERVE_STAGE_INDEX", "")
+        if index and not index.isdigit():
+            raise ConfigError(f"DITSERVE_STAGE_INDEX must be an integer, got {index!r}")
+        return cls(config=os.environ.get("DITSERVE_CONFIG", ""),
+                   stage_index=int(index) if index else None,
+                   log_level=os.environ.get("DITSERVE_LOG_LEVEL", "INFO"))

@@ -1,0 +1,1 @@
+"""Subcommands of the `ditserve` command; see ditserve.cli."""
