@@ -13,8 +13,10 @@ tensors of its own blocks from a safetensors file.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import pickle
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -77,17 +79,23 @@ class _DictReader(CheckpointReader):
 
 
 class DitserveReader(CheckpointReader):
-    """ditserve's safetensors file: reads tensors lazily, config from the metadata."""
+    """A safetensors file read lazily: ditserve's own (config in the metadata), or any
+    file of official keys (config inferred from the tensor shapes)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, model: str | None = None):
         self.path = path
-        self._file = safe_open(str(path), framework="pt")
+        try:
+            self._file = safe_open(str(path), framework="pt")
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
         metadata = self._file.metadata() or {}
-        if metadata.get("format") != DITSERVE_FORMAT or "dit_config" not in metadata:
-            raise CheckpointError(f"{path}: safetensors file has no ditserve metadata; "
-                                  "convert it with `ditserve convert`")
-        self.config = DiTConfig.from_json(metadata["dit_config"])
         self._hash = metadata.get("weight_hash")
+        if metadata.get("format") == DITSERVE_FORMAT and "dit_config" in metadata:
+            self.config = DiTConfig.from_json(metadata["dit_config"])
+        else:
+            shapes = {k: torch.empty(self._file.get_slice(k).get_shape(), device="meta")
+                      for k in self._file.keys()}  # noqa: SIM118
+            self.config = infer_config(shapes, model)
 
     def keys(self) -> list[str]:
         return list(self._file.keys())
@@ -198,7 +206,7 @@ def infer_config(state: dict[str, torch.Tensor], model: str | None) -> DiTConfig
     except KeyError as missing:
         raise CheckpointError(f"not a DiT state dict: no tensor {missing}") from None
     depth = 1 + max(int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k)))
-    fields = dict(input_size=int(round(tokens ** 0.5)) * patch, patch_size=patch,
+    fields = dict(input_size=round(tokens ** 0.5) * patch, patch_size=patch,
                   in_channels=in_channels, hidden_size=hidden, depth=depth,
                   mlp_ratio=fc1_rows / hidden,
                   learn_sigma=out_features == patch * patch * in_channels * 2)
@@ -220,11 +228,21 @@ def infer_config(state: dict[str, torch.Tensor], model: str | None) -> DiTConfig
                      class_dropout_prob=0.1 if rows > 1 else 0.0, name=name)
 
 
+def _torch_load(path: Path) -> object:
+    """weights_only loading; training checkpoints also hold train.py's argparse Namespace."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # not the zip format, which mmap needs
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CheckpointError(f"{path}: not a loadable torch checkpoint ({first_line})") from None
+
+
 def _load_official(path: Path, model: str | None) -> CheckpointReader:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _torch_load(path)
     if isinstance(state, dict) and "ema" in state:
         state = state["ema"]
     elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -245,14 +263,14 @@ def open_checkpoint(path: str | Path, model: str | None = None) -> CheckpointRea
             raise CheckpointError(f"{path}: not a diffusers DiT folder (no config.json)")
         return DiffusersReader(folder)
     if path.suffix == ".safetensors":
-        return DitserveReader(path)
+        return DitserveReader(path, model)
     return _load_official(path, model)
 
 
 def stage_keys(reader: CheckpointReader, model: DiT) -> list[str]:
     """The checkpoint keys that this (possibly partial) model holds."""
     wanted = set(model.state_dict().keys())
-    return [k for k in reader.keys() if k in wanted]
+    return [k for k in reader if k in wanted]
 
 
 def build(reader: CheckpointReader, blocks: tuple[int, int] | None = None,
@@ -323,8 +341,8 @@ class _DictHash(CheckpointReader):
 def convert(src: str | Path, out: str | Path, model: str | None = None) -> DiTConfig:
     """Any supported checkpoint → ditserve's file; returns the config recorded."""
     reader = open_checkpoint(src, model)
-    tensors = [(k, reader.get(k)) for k in reader.keys()]
-    if "pos_embed" not in reader.keys():
+    tensors = [(k, reader.get(k)) for k in reader]
+    if "pos_embed" not in reader:
         tensors.append(("pos_embed", DiT(reader.config, (0, 0), True, False).pos_embed.data))
     save_ditserve(tensors, reader.config, out)
     return reader.config
