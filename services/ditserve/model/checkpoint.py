@@ -45,6 +45,12 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         raise NotImplementedError
 
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in set(self.keys())
+
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
