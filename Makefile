@@ -30,7 +30,7 @@ test: install check-protos lint
 	$(PY) -m pytest -q -ra
 
 demo: install
-	$(PY) -m ditserve.demo.run --out demo.png
+	$(VENV)/bin/ditserve demo --out demo.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "generate": "generate",
     "info": "info",
     "up": "up",
+    "demo": "demo",
     "stage": "stage",
     "coordinator": "coordinator",
     "decoder": "decoder",

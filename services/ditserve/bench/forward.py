@@ -1,0 +1,72 @@
+"""Forward time and peak memory of a whole DiT and of one stage, each in a fresh process.
+
+    ditserve bench forward --models DiT-S/2 DiT-B/2 DiT-XL/2 --batch 2 --stages 4
+
+Random weights at the real sizes (speed does not depend on the values). Each measurement
+runs in its own subprocess so that peak resident memory (ru_maxrss) is that of one model.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def measure(model: str, batch: int, image_size: int, stages: int, stage: int | None,
+            repeats: int, threads: int) -> dict:
+    """In this process: build the model (or stage `stage` of `stages`), time its forward."""
+    import torch
+
+    from ditserve.model import DiT, dit_config, stage_block_range
+
+    torch.set_num_threads(threads)
+    config = dit_config(model, input_size=image_size // 8)
+    blocks = stage_block_range(config.depth, stage, stages) if stage is not None else None
+    start, end = blocks or (0, config.depth)
+    dit = DiT(config, blocks, start == 0, end == config.depth).eval().requires_grad_(False)
+    x = torch.randn(batch, 4, config.input_size, config.input_size)
+    t, y = torch.full((batch,), 500), torch.zeros(batch, dtype=torch.long)
+    h = torch.randn(batch, config.num_tokens, config.hidden_size)
+    c = torch.randn(batch, config.hidden_size)
+
+    def step() -> None:
+        with torch.inference_mode():
+            hh, cc = dit.embed(x, t, y) if dit.has_embedders else (h, c)
+            hh = dit.run_blocks(hh, cc)
+            if dit.has_final_layer:
+                dit.head(hh, cc)
+
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - began)
+    return {"model": model, "stage": "whole" if stage is None else f"{stage}/{stages}",
+            "blocks": f"{start}:{end}", "batch": batch, "image_size": image_size,
+            "params_m": sum(p.numel() for p in dit.parameters()) / 1e6,
+            "forward_ms_median": 1e3 * statistics.median(times),
+            "forward_ms_min": 1e3 * min(times),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_isolated(model: str, batch: int, image_size: int, stages: int, stage: int | None,
+                 repeats: int, threads: int) -> dict:
+    """measure() in a fresh Python process."""
+    args = json.dumps([model, batch, image_size, stages, stage, repeats, threads])
+    code = ("import json,sys; from ditserve.bench.forward import measure; "
+            f"print(json.dumps(measure(*json.loads({args!r}))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | part | blocks | params (M) | forward ms (median) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['stage']} | {r['blocks']} | {r['params_m']:.1f} | "
+              f"{r['forward_ms_median']:.1f} | {r['peak_rss_mib']:.0f} |" for r in rows]
+    return "\n".join(lines)
