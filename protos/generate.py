@@ -56,8 +56,8 @@ def generate(out: Path) -> None:
 
 
 def _differences(a: Path, b: Path) -> list[str]:
-    names = {p.relative_to(a) for p in (a / "dit").rglob("*.py*")}
-    names |= {p.relative_to(b) for p in (b / "dit").rglob("*.py*")}
+    names = {p.relative_to(root) for root in (a, b) for p in (root / "dit").rglob("*")
+             if p.suffix in (".py", ".pyi")}
     return sorted(str(n) for n in names
                   if not (a / n).exists() or not (b / n).exists()
                   or not filecmp.cmp(a / n, b / n, shallow=False))

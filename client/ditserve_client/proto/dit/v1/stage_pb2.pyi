@@ -9,34 +9,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "request_ids")
+    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "request_ids", "payload_bytes")
     MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     microbatch_id: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     offset: int
     chunk: bytes
     request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    payload_bytes: int
+    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "error", "compute_seconds")
+    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "error", "compute_seconds", "payload_bytes")
     MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     microbatch_id: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     offset: int
     chunk: bytes
     error: _status_pb2.Status
     compute_seconds: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., compute_seconds: _Optional[_Iterable[float]] = ...) -> None: ...
+    payload_bytes: int
+    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., compute_seconds: _Optional[_Iterable[float]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class DescribeChainRequest(_message.Message):
     __slots__ = ()

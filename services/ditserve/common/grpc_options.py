@@ -1,0 +1,44 @@
+"""Message size limits and keepalive, the same on every server and channel (DESIGN §5/§6).
+
+Limits are explicit so that a peer's misconfiguration fails loudly with RESOURCE_EXHAUSTED
+rather than at grpc's 4 MiB default. Keepalive pings detect a dead peer (a killed pod) in
+seconds instead of waiting for TCP; the server permits the client's ping rate so it does
+not answer GOAWAY "too_many_pings" (grpc/doc/keepalive.md).
+"""
+
+from __future__ import annotations
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Largest single gRPC message sent or received. Tensors travel in ~1 MiB chunks, so this
+bounds a frame, not a tensor."""
+
+KEEPALIVE_TIME_MS = 10_000
+"""Idle time after which a side pings its peer."""
+
+KEEPALIVE_TIMEOUT_MS = 5_000
+"""How long a ping may go unanswered before the connection is declared dead."""
+
+
+def _common(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options for `grpc.aio.server(options=...)`."""
+    return [*_common(max_message_bytes),
+            # Accept the clients' pings (every KEEPALIVE_TIME_MS, even when idle).
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2)]
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options for `grpc.aio.insecure_channel(address, options=...)`."""
+    return [*_common(max_message_bytes),
+            # Reconnect quickly after a peer restarts (the chain heals on its own).
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000)]

@@ -1,0 +1,121 @@
+"""`ditserve stage`: serve one pipeline stage (a range of DiT blocks) over gRPC.
+
+    ditserve stage --checkpoint dit.safetensors --stage 1 --stages 3 \\
+        --listen 127.0.0.1:50053 --next 127.0.0.1:50054 --wire-dtype bf16
+    ditserve stage --config pipeline.yaml [--stage K]   # K defaults to DITSERVE_STAGE_INDEX
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "Serve one pipeline stage (a contiguous range of DiT blocks) over gRPC."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="pipeline YAML; the stage's settings come from it")
+    parser.add_argument("--checkpoint", help="DiT weights (.pt, diffusers folder, .safetensors)")
+    parser.add_argument("--stage", type=int, help="index of this stage, from 0")
+    parser.add_argument("--stages", type=int, help="number of stages in the chain")
+    parser.add_argument("--blocks", help="explicit block range START:END (default: equal share)")
+    parser.add_argument("--model", help="config name such as DiT-XL/2, if the file cannot tell")
+    parser.add_argument("--listen", help="host:port to bind")
+    parser.add_argument("--next", help="host:port of the next stage (none on the last)")
+    parser.add_argument("--wire-dtype", choices=("bf16", "fp16", "fp32"),
+                        help="activation dtype on the wire (default bf16)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--max-batch", type=int, help="most rows per microbatch (default 32)")
+    parser.add_argument("--metrics-port", type=int, help="port of the Prometheus endpoint")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for compute")
+    parser.add_argument("--grace", type=float, default=5.0,
+                        help="seconds in-flight calls get to finish on SIGTERM (default 5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ditserve.common.logs import configure_logging
+    from ditserve.config import Environment
+    from ditserve.stage.server import run as serve
+
+    env = Environment.read()
+    options = _from_config(args, env) if args.config else _from_flags(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.grace < 0:
+        raise ValueError(f"--grace must not be negative, got {args.grace}")
+    options.grace = args.grace
+    configure_logging(f"stage-{options.stage_index}", env.log_level)
+    return serve(options)
+
+
+def _from_flags(args: argparse.Namespace):
+    from ditserve.model import open_checkpoint, parse_block_range, stage_block_range
+    from ditserve.stage.server import StageOptions
+
+    for flag in ("checkpoint", "stage", "stages", "listen"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag} is required (or give --config)")
+    depth = open_checkpoint(args.checkpoint, args.model).config.depth
+    blocks = (parse_block_range(args.blocks, depth) if args.blocks
+              else stage_block_range(depth, args.stage, args.stages))
+    return StageOptions(
+        checkpoint=args.checkpoint, stage_index=args.stage, num_stages=args.stages,
+        blocks=blocks, listen=args.listen, next_address=args.next or "", model_name=args.model,
+        **_device_options(args.device or "cpu", args.wire_dtype or "bf16",
+                          args.max_batch or 32, args.metrics_port))
+
+
+def _from_config(args: argparse.Namespace, env):
+    from ditserve.config import load_config
+    from ditserve.model import open_checkpoint, parse_block_range, stage_block_range
+    from ditserve.stage.server import StageOptions
+
+    config = load_config(args.config)
+    index = args.stage if args.stage is not None else env.stage_index
+    if index is None:
+        raise ValueError("which stage? give --stage or set DITSERVE_STAGE_INDEX")
+    if not 0 <= index < len(config.stages):
+        raise ValueError(f"stage {index} is not in the config's {len(config.stages)} stages")
+    stage = config.stages[index]
+    checkpoint = resolve_checkpoint(config.model.checkpoint)
+    depth = open_checkpoint(checkpoint, config.model.name).config.depth
+    blocks = (parse_block_range(stage.blocks, depth) if stage.blocks
+              else stage_block_range(depth, index, len(config.stages)))
+    next_address = config.stages[index + 1].address if index + 1 < len(config.stages) else ""
+    return StageOptions(
+        checkpoint=checkpoint, stage_index=index, num_stages=len(config.stages), blocks=blocks,
+        listen=args.listen or stage.listen_address(), next_address=args.next or next_address,
+        address=stage.address, model_name=config.model.name,
+        **_device_options(args.device or stage.device, args.wire_dtype or config.wire_dtype,
+                          args.max_batch or config.max_batch_size, args.metrics_port))
+
+
+def _device_options(device: str, wire_dtype: str, max_batch: int,
+                    metrics_port: int | None) -> dict:
+    """float32 on the CPU, bf16 on CUDA (the paper's weights are fp32; bf16 halves memory)."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be positive, got {max_batch}")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"device": device, "dtype": dtype, "wire_dtype": wire_dtype,
+            "max_batch_size": max_batch, "metrics_port": metrics_port}
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """The config's checkpoint; empty means the embedded demo model."""
+    if checkpoint:
+        return checkpoint
+    try:
+        from ditserve.demo import DEMO_DIT_PATH
+    except ImportError:
+        raise ValueError("model.checkpoint is empty and this install has no embedded demo "
+                         "model (ditserve.demo); set model.checkpoint") from None
+    if not Path(DEMO_DIT_PATH).exists():
+        raise ValueError(f"model.checkpoint is empty and the demo model {DEMO_DIT_PATH} is "
+                         "missing; run `ditserve train-demo` or set model.checkpoint")
+    return str(DEMO_DIT_PATH)

@@ -1,0 +1,5 @@
+"""A stage worker: one slice of DiT blocks served over gRPC in a relay chain (DESIGN §1)."""
+
+from .runner import StageRunner
+
+__all__ = ["StageRunner"]

@@ -1,0 +1,199 @@
+"""One pipeline stage as a plain class: validate a microbatch, compute it, no gRPC.
+
+Stage 0 turns (x, t, y) into tokens and conditioning with the embedders; every stage runs
+its blocks; the last stage applies the final layer and returns the model output in FP32.
+Activations leave in the wire dtype (bf16 by default), exactly as they would cross the
+network, so an in-process chain of runners (chain/local.py) is numerically a remote one.
+
+All compute runs on ONE dedicated thread per runner (DESIGN §6): the asyncio loop that
+serves health checks and streams never waits behind a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ditserve.chain.base import StageDescription
+from ditserve.model import DiT, load_stage, open_checkpoint
+from ditserve.wire import DTYPES, WIRE_DTYPE_NAMES, WireError
+from ditserve.wire.codec import NAMES
+
+NUM_TIMESTEPS = 1000
+"""Timesteps t must lie in [0, NUM_TIMESTEPS): the model's diffusion scale."""
+
+Tensors = dict[str, torch.Tensor]
+
+
+class StageRunner:
+    """Blocks [start, end) of a DiT (with the embedders on stage 0, the head on the last)."""
+
+    def __init__(self, model: DiT, blocks: tuple[int, int], stage_index: int = 0,
+                 num_stages: int = 1, wire_dtype: str = "bf16", max_batch_size: int = 32,
+                 weight_hash: str = "", address: str = ""):
+        self.model, self.config = model, model.config
+        self.block_start, self.block_end = blocks
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.wire_datatype = WIRE_DTYPE_NAMES[wire_dtype]
+        self.wire_torch_dtype = DTYPES[self.wire_datatype]
+        self.max_batch_size = max_batch_size
+        self.weight_hash, self.address = weight_hash, address
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._check_model()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    @classmethod
+    def from_checkpoint(cls, path: str, blocks: tuple[int, int], model_name: str | None = None,
+                        device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        **options: object) -> StageRunner:
+        """Reads only this stage's tensors; `options` as in the constructor."""
+        weight_hash = open_checkpoint(path, model_name).weight_hash()
+        model = load_stage(path, blocks, model=model_name, device=device, dtype=dtype)
+        return cls(model, blocks, weight_hash=weight_hash, **options)
+
+    @property
+    def is_first(self) -> bool:
+        return self.block_start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.block_end == self.config.depth
+
+    def _check_model(self) -> None:
+        if self.is_first and not self.model.has_embedders:
+            raise ValueError("stage starting at block 0 needs a model with the embedders")
+        if self.is_last and not self.model.has_final_layer:
+            raise ValueError("the last stage needs a model with the final layer")
+        missing = [i for i in range(self.block_start, self.block_end)
+                   if str(i) not in self.model.blocks]
+        if missing:
+            raise ValueError(f"model lacks blocks {missing[0]}..{missing[-1]} of this stage")
+
+    # -- validation: every tensor from outside, with a message naming what is wrong --
+
+    def max_payload_bytes(self) -> int:
+        """Largest valid request payload, for the frame assembler's limit."""
+        n, cfg = self.max_batch_size, self.config
+        if self.is_first:
+            return n * (cfg.in_channels * cfg.input_size ** 2 * 8 + 16)
+        return n * (cfg.num_tokens + 1) * cfg.hidden_size * self.wire_torch_dtype.itemsize
+
+    def validate(self, tensors: Tensors) -> Tensors:
+        """Checks names, dtypes, shapes and ranges of a request microbatch (WireError)."""
+        return self._validate_first(tensors) if self.is_first else self._validate_later(tensors)
+
+    def _validate_first(self, tensors: Tensors) -> Tensors:
+        cfg = self.config
+        x, t, y = _named(tensors, ("x", "t", "y"))
+        n = self._batch(x, "x")
+        _expect_shape(x, "x", (n, cfg.in_channels, cfg.input_size, cfg.input_size))
+        _expect_dtype(x, "x", (torch.float32, torch.float16, torch.bfloat16))
+        _expect_shape(t, "t", (n,))
+        _expect_dtype(t, "t", (torch.int64, torch.float32))
+        _expect_shape(y, "y", (n,))
+        _expect_dtype(y, "y", (torch.int64,))
+        if not bool(((t >= 0) & (t < NUM_TIMESTEPS)).all()):
+            raise WireError(f"t: timesteps must lie in [0, {NUM_TIMESTEPS}), got "
+                            f"{t[~((t >= 0) & (t < NUM_TIMESTEPS))][0].item()}")
+        labels = cfg.num_classes + (1 if cfg.has_null_class else 0)
+        if not bool(((y >= 0) & (y < labels)).all()):
+            raise WireError(f"y: class labels must lie in [0, {labels - 1}] "
+                            f"({cfg.num_classes} classes"
+                            f"{' and the null class' if cfg.has_null_class else ''}), got "
+                            f"{y[~((y >= 0) & (y < labels))][0].item()}")
+        if not bool(torch.isfinite(x).all()):
+            raise WireError("x: latents hold NaN or infinity")
+        return {"x": x, "t": t, "y": y}
+
+    def _validate_later(self, tensors: Tensors) -> Tensors:
+        cfg = self.config
+        h, c = _named(tensors, ("h", "c"))
+        n = self._batch(h, "h")
+        _expect_shape(h, "h", (n, cfg.num_tokens, cfg.hidden_size))
+        _expect_shape(c, "c", (n, cfg.hidden_size))
+        for tensor, name in ((h, "h"), (c, "c")):
+            _expect_dtype(tensor, name, (self.wire_torch_dtype,))
+        return {"h": h, "c": c}
+
+    def _batch(self, tensor: torch.Tensor, name: str) -> int:
+        if tensor.dim() < 1 or tensor.shape[0] < 1:
+            raise WireError(f"{name}: shape {list(tensor.shape)} has no batch rows")
+        if tensor.shape[0] > self.max_batch_size:
+            raise WireError(f"{name}: batch of {tensor.shape[0]} rows exceeds this stage's "
+                            f"max_batch_size {self.max_batch_size}")
+        return tensor.shape[0]
+
+    # -- compute --
+
+    @torch.inference_mode()
+    def compute(self, inputs: Tensors) -> list[tuple[str, torch.Tensor]]:
+        """Validated inputs → ("h", "c") in the wire dtype, or ("out",) FP32 if last."""
+        if self.is_first:
+            x = inputs["x"].to(self.device, self.dtype)  # (N, C, L, L)
+            h, c = self.model.embed(x, inputs["t"].to(self.device), inputs["y"].to(self.device))
+        else:
+            h = inputs["h"].to(self.device, self.dtype)  # (N, T, D)
+            c = inputs["c"].to(self.device, self.dtype)  # (N, D)
+        for i in range(self.block_start, self.block_end):
+            h = self.model.blocks[str(i)](h, c)
+        if self.is_last:
+            return [("out", self.model.head(h, c).float().cpu())]  # (N, C_out, L, L)
+        return [("h", h.to(self.wire_torch_dtype).cpu()), ("c", c.to(self.wire_torch_dtype).cpu())]
+
+    def compute_timed(self, inputs: Tensors) -> tuple[list[tuple[str, torch.Tensor]], float]:
+        start = time.perf_counter()
+        outputs = self.compute(inputs)
+        return outputs, time.perf_counter() - start
+
+    async def submit(self, inputs: Tensors) -> tuple[list[tuple[str, torch.Tensor]], float]:
+        """`compute` on the runner's compute thread; returns outputs and seconds taken."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.compute_timed, inputs)
+
+    def example_inputs(self, n: int = 1) -> Tensors:
+        """A valid microbatch of n rows (for the warm-up forward)."""
+        cfg = self.config
+        if self.is_first:
+            return {"x": torch.zeros(n, cfg.in_channels, cfg.input_size, cfg.input_size),
+                    "t": torch.zeros(n, dtype=torch.int64),
+                    "y": torch.zeros(n, dtype=torch.int64)}
+        return {"h": torch.zeros(n, cfg.num_tokens, cfg.hidden_size, dtype=self.wire_torch_dtype),
+                "c": torch.zeros(n, cfg.hidden_size, dtype=self.wire_torch_dtype)}
+
+    async def warm_up(self) -> float:
+        """One forward on the compute thread before the stage reports SERVING."""
+        _, seconds = await self.submit(self.example_inputs())
+        return seconds
+
+    def describe(self, serving: bool = True) -> StageDescription:
+        return StageDescription(
+            stage_index=self.stage_index, num_stages=self.num_stages,
+            block_start=self.block_start, block_end=self.block_end, depth=self.config.depth,
+            model_name=self.config.name, model_config_json=self.config.to_json(),
+            weight_hash=self.weight_hash, wire_dtype=self.wire_datatype, address=self.address,
+            device=f"{self.device}/{str(self.dtype).removeprefix('torch.')}",
+            max_batch_size=self.max_batch_size, serving=serving)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _named(tensors: Tensors, names: tuple[str, ...]) -> list[torch.Tensor]:
+    if set(tensors) != set(names):
+        raise WireError(f"expected tensors {', '.join(names)}, got {', '.join(tensors) or 'none'}")
+    return [tensors[name] for name in names]
+
+
+def _expect_shape(tensor: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise WireError(f"{name}: shape {list(tensor.shape)}, this model needs {list(shape)}")
+
+
+def _expect_dtype(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...]) -> None:
+    if tensor.dtype not in dtypes:
+        allowed = " or ".join(NAMES[d] for d in dtypes)
+        raise WireError(f"{name}: datatype {NAMES[tensor.dtype]}, expected {allowed}")

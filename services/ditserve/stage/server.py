@@ -1,0 +1,102 @@
+"""Serves one stage: load its blocks, warm up, then SERVING until SIGTERM.
+
+    # Load the slice:      StageRunner.from_checkpoint(...)  (only this stage's tensors)
+    # Start the server:    ServiceLifecycle (health NOT_SERVING, reflection, metrics)
+    # Warm up:             one forward on the compute thread
+    # Serve:               health SERVING; on SIGTERM NOT_SERVING, drain, stop
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
+
+from ditserve.chain.remote import StageClient
+from ditserve.common.lifecycle import ServiceLifecycle
+from ditserve.common.logs import log_event
+
+from .runner import StageRunner
+from .servicer import StageServicer
+
+SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name
+
+
+@dataclass
+class StageOptions:
+    """Everything one stage process needs (from flags or the pipeline config)."""
+
+    checkpoint: str
+    """Weights file or folder (any supported format)."""
+    stage_index: int
+    """Position of this stage in the chain, from 0."""
+    num_stages: int
+    """Stages in the chain."""
+    blocks: tuple[int, int]
+    """Blocks [start, end) this stage runs."""
+    listen: str
+    """host:port to bind."""
+    next_address: str = ""
+    """host:port of the next stage; empty on the last stage."""
+    address: str = ""
+    """Address others dial, reported by the handshake; defaults to `listen`."""
+    model_name: str | None = None
+    """Config name, for checkpoints that cannot tell their head count."""
+    wire_dtype: str = "bf16"
+    """Activation dtype sent to the next stage: bf16, fp16 or fp32."""
+    device: str = "cpu"
+    """Compute device."""
+    dtype: torch.dtype = torch.float32
+    """Compute dtype of the weights."""
+    max_batch_size: int = 32
+    """Most rows per microbatch."""
+    metrics_port: int | None = None
+    """Port of the Prometheus endpoint; None for none."""
+    grace: float = 5.0
+    """Seconds in-flight microbatches get to finish on SIGTERM."""
+
+
+async def serve(options: StageOptions) -> None:
+    """Runs the stage until SIGTERM/SIGINT."""
+    name = f"stage-{options.stage_index}"
+    lifecycle = ServiceLifecycle(name, options.listen, [SERVICE_NAME],
+                                 options.metrics_port, options.grace)
+    next_hop = None
+    if options.next_address:
+        next_hop = StageClient(options.next_address, peer=f"stage-{options.stage_index + 1}")
+        lifecycle.on_shutdown(next_hop.close)
+    servicer = StageServicer(None, next_hop)
+    stage_pb2_grpc.add_StageServiceServicer_to_server(servicer, lifecycle.server)
+    await lifecycle.start()  # health answers NOT_SERVING while the weights load
+    runner = await asyncio.to_thread(_load, options)
+    lifecycle.on_shutdown(_closer(runner))
+    seconds = await runner.warm_up()
+    log_event("warmed_up", name=name, blocks=f"{options.blocks[0]}:{options.blocks[1]}",
+              seconds=round(seconds, 4), next=options.next_address or "-")
+    if next_hop is not None:
+        next_hop.start()  # connect early; the stream reconnects by itself if it fails
+    servicer.runner = runner
+    servicer.serving = True
+    await lifecycle.set_serving()
+    await lifecycle.wait_for_termination()
+
+
+def _load(options: StageOptions) -> StageRunner:
+    return StageRunner.from_checkpoint(
+        options.checkpoint, options.blocks, options.model_name, options.device, options.dtype,
+        stage_index=options.stage_index, num_stages=options.num_stages,
+        wire_dtype=options.wire_dtype, max_batch_size=options.max_batch_size,
+        address=options.address or options.listen)
+
+
+def _closer(runner: StageRunner):
+    async def close() -> None:
+        runner.close()
+    return close
+
+
+def run(options: StageOptions) -> int:
+    asyncio.run(serve(options))
+    return 0

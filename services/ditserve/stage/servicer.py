@@ -1,0 +1,149 @@
+"""StageService: a thin servicer over a StageRunner and the next hop's StageClient.
+
+Forward reads frames, reassembles microbatches and hands each to its own task: validate,
+compute on the runner's thread, forward (h, c) to the next stage if there is one, and
+write the reply. A failure answers that microbatch in-stream and never ends the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
+
+from ditserve.chain.base import ChainError, ErrorCode
+from ditserve.chain.remote import StageClient, info_from_description
+from ditserve.common.errors import status_proto, to_grpc_status
+from ditserve.common.logs import log_event
+from ditserve.common.metrics import MICROBATCHES, WIRE_BYTES
+from ditserve.wire import FrameAssembler, Microbatch, WireError, encode_frames
+
+from . import metrics
+from .runner import StageRunner
+
+_END = object()  # sentinel: no more replies on this stream
+
+
+class StageServicer(stage_pb2_grpc.StageServiceServicer):
+    """One stage of the relay chain."""
+
+    def __init__(self, runner: StageRunner | None, next_hop: StageClient | None = None):
+        self.runner: StageRunner | None = runner  # None while the weights load
+        self.next_hop = next_hop
+        self.serving = False
+
+    @property
+    def name(self) -> str:
+        return f"stage-{self.runner.stage_index}" if self.runner else "stage"
+
+    async def _require_runner(self, context: Any) -> StageRunner:
+        if self.runner is None or not self.serving:
+            await context.abort_with_status(to_grpc_status(ChainError(
+                ErrorCode.UNAVAILABLE, "stage is loading its weights")))
+        return self.runner
+
+    async def Forward(self, request_iterator: AsyncIterator[Any],
+                      context: Any) -> AsyncIterator[stage_pb2.ForwardResponse]:
+        """Multiplexed microbatches in, replies (or in-stream errors) out, in any order."""
+        runner = await self._require_runner(context)
+        await context.send_initial_metadata(())  # tells the caller the stream is open
+        replies: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._read(runner, request_iterator, replies))
+        try:
+            while (frame := await replies.get()) is not _END:
+                yield frame
+        finally:
+            reader.cancel()
+
+    async def _read(self, runner: StageRunner, request_iterator: AsyncIterator[Any],
+                    replies: asyncio.Queue) -> None:
+        assembler = FrameAssembler(runner.max_payload_bytes())
+        tasks: set[asyncio.Task] = set()
+        try:
+            async for frame in request_iterator:
+                try:
+                    microbatch = assembler.add(frame)
+                except WireError as error:
+                    self._reply_error(replies, error.microbatch_id or 0, error.to_chain_error())
+                    continue
+                if microbatch is not None:
+                    task = asyncio.create_task(self._handle(microbatch, assembler, replies))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            for mb_id in assembler.pending_ids():
+                self._reply_error(replies, mb_id, ChainError(
+                    ErrorCode.INVALID_ARGUMENT, f"microbatch {mb_id}: stream ended before "
+                                                "its payload was complete"))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            replies.put_nowait(_END)
+
+    async def _handle(self, microbatch: Microbatch, assembler: FrameAssembler,
+                      replies: asyncio.Queue) -> None:
+        started = time.perf_counter()
+        request_ids = list(microbatch.first_frame.request_ids)
+        WIRE_BYTES.labels("rx", "upstream").inc(microbatch.first_frame.payload_bytes)
+        metrics.IN_FLIGHT.inc()
+        try:
+            frames = await self._answer(microbatch, request_ids)
+            outcome = "ok"
+        except ChainError as error:
+            frames, outcome = [self._error_frame(microbatch.id, error)], error.code.value
+            log_event("microbatch_failed", level=logging.WARNING, microbatch_id=microbatch.id,
+                      request_ids=request_ids, code=error.code.value, message=error.message)
+        finally:
+            metrics.IN_FLIGHT.dec()
+            assembler.release(microbatch.id)
+        MICROBATCHES.labels(self.name, outcome).inc()
+        metrics.MICROBATCH_SECONDS.observe(time.perf_counter() - started)
+        for frame in frames:
+            replies.put_nowait(frame)
+
+    async def _answer(self, microbatch: Microbatch, request_ids: list[str]) -> list[Any]:
+        """Validate, compute, forward: the frames of the reply (ChainError on failure)."""
+        try:
+            inputs = self.runner.validate(microbatch.tensors)
+        except WireError as error:
+            raise error.to_chain_error() from None
+        try:
+            outputs, seconds = await self.runner.submit(inputs)
+        except Exception as error:  # a bug or a device failure: report, keep serving
+            log_event("compute_failed", level=logging.ERROR, error=repr(error))
+            raise ChainError(ErrorCode.INTERNAL, f"{self.name}: compute failed: {error}") from None
+        metrics.COMPUTE_SECONDS.observe(seconds)
+        compute_seconds = [seconds]
+        if self.next_hop is not None:
+            reply, later = await self.next_hop.call(outputs, request_ids)
+            outputs, compute_seconds = list(reply.items()), [seconds, *later]
+        frames = encode_frames(stage_pb2.ForwardResponse, microbatch.id, outputs,
+                               compute_seconds=compute_seconds)
+        WIRE_BYTES.labels("tx", "upstream").inc(frames[0].payload_bytes)
+        return frames
+
+    def _reply_error(self, replies: asyncio.Queue, mb_id: int, error: ChainError) -> None:
+        log_event("microbatch_rejected", level=logging.WARNING, microbatch_id=mb_id,
+                  code=error.code.value, message=error.message)
+        MICROBATCHES.labels(self.name, error.code.value).inc()
+        replies.put_nowait(self._error_frame(mb_id, error))
+
+    @staticmethod
+    def _error_frame(mb_id: int, error: ChainError) -> stage_pb2.ForwardResponse:
+        return stage_pb2.ForwardResponse(microbatch_id=mb_id, error=status_proto(error))
+
+    async def DescribeChain(self, request: stage_pb2.DescribeChainRequest,
+                            context: Any) -> stage_pb2.DescribeChainResponse:
+        """This stage's StageInfo, then the next stage's answer."""
+        runner = await self._require_runner(context)
+        stages = [info_from_description(runner.describe(serving=self.serving))]
+        if self.next_hop is not None:
+            try:
+                stages += await self.next_hop.describe()
+            except ChainError as error:
+                await context.abort_with_status(to_grpc_status(error))
+        return stage_pb2.DescribeChainResponse(stages=stages)

@@ -1,0 +1,7 @@
+"""torch ↔ wire: the one place tensors become bytes and back (DESIGN §5)."""
+
+from .codec import DTYPES, WIRE_DTYPE_NAMES, WireError, decode_tensor, encode_tensor, wire_dtype
+from .framing import CHUNK_BYTES, FrameAssembler, Microbatch, encode_frames
+
+__all__ = ["CHUNK_BYTES", "DTYPES", "WIRE_DTYPE_NAMES", "FrameAssembler", "Microbatch",
+           "WireError", "decode_tensor", "encode_frames", "encode_tensor", "wire_dtype"]

@@ -1,0 +1,51 @@
+"""LocalChain: N emulated stages equal the monolithic forward; bad input is rejected."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from ditserve.chain import ChainError, ErrorCode, check_chain
+from ditserve.chain.local import LocalChain
+
+
+def _inputs(config, n=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, config.in_channels, config.input_size, config.input_size, generator=gen)
+    t = torch.randint(0, 1000, (n,), generator=gen)
+    y = torch.randint(0, config.num_classes + 1, (n,), generator=gen)
+    return x, t, y
+
+
+async def _forward(chain, *inputs):
+    try:
+        return await chain.forward(*inputs)
+    finally:
+        await chain.close()
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_fp32_wire_equals_monolithic_forward(tiny_model, stages):
+    x, t, y = _inputs(tiny_model.config)
+    out = asyncio.run(_forward(LocalChain.from_model(tiny_model, stages, "fp32"), x, t, y))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, tiny_model(x, t, y), rtol=0, atol=1e-5)
+
+
+def test_bf16_wire_from_checkpoint_within_tolerance(tiny_checkpoint, tiny_model):
+    x, t, y = _inputs(tiny_model.config)
+    chain = LocalChain.from_checkpoint(str(tiny_checkpoint), 2, "bf16")
+    check_chain(asyncio.run(chain.describe()), expected_wire_dtype="BF16")
+    out = asyncio.run(_forward(chain, x, t, y))
+    reference = tiny_model(x, t, y)
+    assert not torch.equal(out, reference)  # the bf16 cast is really applied
+    torch.testing.assert_close(out, reference, rtol=0, atol=0.05)
+
+
+def test_bad_label_is_invalid_argument(tiny_model):
+    x, t, y = _inputs(tiny_model.config)
+    y[1] = 11  # 10 classes + null = 11 rows: 11 is out of range
+    with pytest.raises(ChainError, match=r"y: class labels must lie in \[0, 10\]") as caught:
+        asyncio.run(_forward(LocalChain.from_model(tiny_model, 2), x, t, y))
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT

@@ -1,0 +1,196 @@
+"""Shared fixtures: free loopback ports, a tiny ditserve checkpoint, real service processes.
+
+Fixtures (use them from any test module):
+
+- `free_port()`          → a free TCP port on 127.0.0.1 (function fixture returning a callable).
+- `tiny_config`          → DiTConfig of the tiny test model (DiT-Tiny/2, 8x8 latents, 10 classes).
+- `tiny_checkpoint`      → Path of a ditserve .safetensors of that model (session-scoped):
+                           reference init, then perturbed so that every output is nonzero.
+- `tiny_model`           → the whole model loaded from it (float32, eval).
+- `launcher`             → a module-scoped `Launcher`: starts `ditserve ...` subprocesses,
+                           waits for gRPC health SERVING, and kills every one at teardown
+                           (even when a test fails).
+
+    def test_x(launcher, tiny_checkpoint):
+        chain = launcher.start_chain(tiny_checkpoint, stages=2, wire_dtype="fp32")
+        address = chain[0].address   # stage 0, SERVING
+
+`Launcher.start(name, args, port)` runs any subcommand (`ditserve coordinator ...`) and
+`wait_healthy` polls grpc.health.v1 until SERVING; `ServiceProcess.terminate()` sends
+SIGTERM and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+torch.set_num_threads(1)
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+def find_free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS may hand it out again later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    return find_free_port
+
+
+def make_tiny_checkpoint(path: Path, depth: int = 4, seed: int = 0) -> Path:
+    """Writes a tiny DiT (random, nonzero outputs) in ditserve's format."""
+    from ditserve.model import DiT, dit_config, save_ditserve
+
+    config = dit_config("DiT-Tiny/2", input_size=8, num_classes=10, depth=depth)
+    torch.manual_seed(seed)
+    model = DiT(config)
+    model.initialize_weights()
+    with torch.no_grad():  # adaLN-Zero init outputs zeros: perturb every weight
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    save_ditserve(model.state_dict().items(), config, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_checkpoint):
+    from ditserve.model import open_checkpoint
+    return open_checkpoint(tiny_checkpoint).config
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    from ditserve.model import load_dit
+    return load_dit(tiny_checkpoint)
+
+
+def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
+    """The grpc.health.v1 status of `service` at `address`, or None if unreachable."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return None
+    return reply.status
+
+
+class ServiceProcess:
+    """A `ditserve` subcommand running as a child process, listening on `address`."""
+
+    def __init__(self, name: str, args: Sequence[str], address: str, log_path: Path):
+        self.name, self.args, self.address, self.log_path = name, list(args), address, log_path
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen([sys.executable, "-m", "ditserve.cli", *self.args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Polls health until SERVING; fails with the process log if it dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
+            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not SERVING after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then wait; returns the exit code (SIGKILL if it hangs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill()
+        self._log.close()
+
+
+class Launcher:
+    """Starts service processes on free loopback ports and stops them all at the end."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.processes: list[ServiceProcess] = []
+
+    def start(self, name: str, args: Sequence[str], address: str,
+              wait: bool = True) -> ServiceProcess:
+        log_path = self.log_dir / f"{name}-{len(self.processes)}.log"
+        process = ServiceProcess(name, args, address, log_path)
+        self.processes.append(process)
+        if wait:
+            process.wait_healthy()
+        return process
+
+    def stage_args(self, checkpoint: Path, stage: int, stages: int, port: int,
+                   next_port: int | None = None, wire_dtype: str = "fp32",
+                   extra: Sequence[str] = ()) -> list[str]:
+        args = ["stage", "--checkpoint", str(checkpoint), "--stage", str(stage),
+                "--stages", str(stages), "--listen", f"127.0.0.1:{port}",
+                "--wire-dtype", wire_dtype, "--threads", "1", *extra]
+        return [*args, "--next", f"127.0.0.1:{next_port}"] if next_port else args
+
+    def start_stage(self, checkpoint: Path, stage: int, stages: int, port: int,
+                    next_port: int | None = None, wire_dtype: str = "fp32",
+                    extra: Sequence[str] = (), wait: bool = True) -> ServiceProcess:
+        args = self.stage_args(checkpoint, stage, stages, port, next_port, wire_dtype, extra)
+        return self.start(f"stage{stage}of{stages}", args, f"127.0.0.1:{port}", wait)
+
+    def start_chain(self, checkpoint: Path, stages: int, wire_dtype: str = "fp32",
+                    extra: Sequence[str] = ()) -> list[ServiceProcess]:
+        """A whole relay chain, started concurrently; stage 0 first in the list."""
+        ports = [find_free_port() for _ in range(stages)]
+        chain = [self.start_stage(checkpoint, i, stages, ports[i],
+                                  ports[i + 1] if i + 1 < stages else None, wire_dtype,
+                                  extra, wait=False) for i in range(stages)]
+        for process in chain:
+            process.wait_healthy()
+        return chain
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory) -> Iterator[Launcher]:
+    launcher = Launcher(tmp_path_factory.mktemp("logs"))
+    try:
+        yield launcher
+    finally:
+        launcher.stop_all()

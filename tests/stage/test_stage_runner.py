@@ -1,0 +1,82 @@
+"""StageRunner: validation of every input with a message naming it, and the wire cast."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from ditserve.stage import StageRunner
+from ditserve.wire import WireError
+
+
+@pytest.fixture(scope="module")
+def first(tiny_model):
+    runner = StageRunner(tiny_model, (0, 2), 0, 2, "bf16", max_batch_size=4)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def last(tiny_model):
+    runner = StageRunner(tiny_model, (2, 4), 1, 2, "bf16", max_batch_size=4)
+    yield runner
+    runner.close()
+
+
+def _good(n=2):
+    return {"x": torch.randn(n, 4, 8, 8), "t": torch.tensor([0, 999] * (n // 2)),
+            "y": torch.tensor([0, 10] * (n // 2))}
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"x": torch.randn(2, 3, 8, 8)}, r"x: shape \[2, 3, 8, 8\], this model needs \[2, 4, 8, 8\]"),
+    ({"x": torch.randn(6, 4, 8, 8)}, "batch of 6 rows exceeds this stage's max_batch_size 4"),
+    ({"t": torch.tensor([0, 1000])}, r"timesteps must lie in \[0, 1000\), got 1000"),
+    ({"t": torch.tensor([float("nan"), 1.0])}, "timesteps must lie"),
+    ({"t": torch.tensor([1, 2], dtype=torch.int32)}, "t: datatype INT32, expected INT64 or FP32"),
+    ({"y": torch.tensor([-1, 0])}, "class labels must lie"),
+    ({"y": torch.tensor([0])}, r"y: shape \[1\], this model needs \[2\]"),
+    ({"x": torch.full((2, 4, 8, 8), float("inf"))}, "NaN or infinity"),
+    ({"h": torch.zeros(1)}, "expected tensors x, t, y"),
+])
+def test_first_stage_rejects_bad_input(first, change, words):
+    with pytest.raises(WireError, match=words):
+        first.validate({**_good(), **change})
+
+
+def test_later_stage_checks_wire_dtype_and_shape(last):
+    h, c = torch.zeros(2, 16, 64, dtype=torch.bfloat16), torch.zeros(2, 64, dtype=torch.bfloat16)
+    last.validate({"h": h, "c": c})
+    with pytest.raises(WireError, match="h: datatype FP32, expected BF16"):
+        last.validate({"h": h.float(), "c": c})
+    with pytest.raises(WireError, match=r"h: shape \[2, 15, 64\], this model needs \[2, 16, 64\]"):
+        last.validate({"h": h[:, :15], "c": c})
+    with pytest.raises(WireError, match=r"c: shape \[2, 32\]"):
+        last.validate({"h": h, "c": c[:, :32]})
+
+
+def test_first_stage_sends_wire_dtype_last_returns_fp32(first, last, tiny_model):
+    good = _good()
+    inputs = first.validate(good)
+    outputs, seconds = asyncio.run(first.submit(inputs))
+    assert [name for name, _ in outputs] == ["h", "c"] and seconds > 0
+    assert all(t.dtype == torch.bfloat16 for _, t in outputs)
+    (name, out), = last.compute(last.validate(dict(outputs)))
+    assert name == "out" and out.dtype == torch.float32 and out.shape == (2, 8, 8, 8)
+    torch.testing.assert_close(out, tiny_model(**good), rtol=0, atol=0.05)  # bf16 wire
+    assert first.describe().wire_dtype == "BF16" and first.max_payload_bytes() > 0
+
+
+def test_compute_runs_on_one_dedicated_thread(first):
+    import threading
+
+    seen = set()
+    hook = first.model.blocks["0"].register_forward_pre_hook(
+        lambda *_: seen.add(threading.current_thread().name))
+    try:
+        asyncio.run(first.submit(first.validate(_good())))
+        asyncio.run(first.submit(first.validate(_good())))
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and next(iter(seen)).startswith("compute")
