@@ -67,4 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m ditserve.cli` runs this file as __main__, a second copy of the module:
+    # call the imported one, so that its CommandError is the one subcommands raise.
+    from ditserve.cli import main as _main
+
+    sys.exit(_main())

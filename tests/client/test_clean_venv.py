@@ -1,0 +1,98 @@
+"""The client-only install: a fresh virtualenv holding only the client's dependencies
+(grpcio, grpcio-status, protobuf and what they need) imports ditserve_client without torch
+and runs `ditserve generate` / `ditserve info` against a server.
+
+Offline and fast: the venv is made with `--without-pip` and the dependency distributions
+are linked in from this environment (exactly their files, per their RECORD), the repo's
+`client/` and `services/` on a .pth path instead of `pip install --no-deps .`. The server
+is the fake coordinator; the end-to-end run against `ditserve up` is another test.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENT_DISTRIBUTIONS = ["grpcio", "grpcio-status", "protobuf", "googleapis-common-protos",
+                        "typing-extensions"]
+
+
+def _top_level(parts: tuple[str, ...]) -> str | None:
+    """The entry a file belongs under: `grpc`, `google/protobuf`, `x.dist-info`, ..."""
+    if not parts or parts[0] in ("..", "__pycache__") or parts[0].endswith(".pth"):
+        return None
+    return "/".join(parts[:2]) if parts[0] == "google" and len(parts) > 2 else parts[0]
+
+
+def link_distributions(target: Path, names: list[str]) -> None:
+    """Symlinks exactly the top-level entries of the named distributions into `target`."""
+    (target / "google").mkdir(parents=True)
+    for name in names:
+        dist = importlib.metadata.distribution(name)
+        for top in sorted({_top_level(f.parts) for f in dist.files or []} - {None}):
+            link = target / top
+            if not link.exists():
+                link.symlink_to(Path(dist.locate_file(top)).resolve())
+
+
+@pytest.fixture(scope="module")
+def clean_python(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("client-only")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")],
+                   check=True)
+    link_distributions(root / "deps", CLIENT_DISTRIBUTIONS)
+    site = next((root / "venv" / "lib").glob("python*/site-packages"))
+    (site / "ditserve.pth").write_text(
+        "\n".join(str(p) for p in (root / "deps", REPO / "client", REPO / "services")) + "\n")
+    return root / "venv" / "bin" / "python"
+
+
+DITSERVE = ("-c", "import sys; from ditserve.cli import main; sys.exit(main(sys.argv[1:]))")
+"""The `ditserve` console script's entry point, run by the clean interpreter."""
+
+
+def run_clean(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd), "PYTHONNOUSERSITE": "1"}
+    return subprocess.run([str(python), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_imports_without_torch(clean_python, tmp_path):
+    probe = ("import importlib.util, sys\n"
+             "import ditserve_client, ditserve_client.cli, ditserve.cli\n"
+             "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
+             "for heavy in ('torch', 'numpy', 'PIL'):\n"
+             "    assert importlib.util.find_spec(heavy) is None, heavy\n"
+             "print('clean')\n")
+    done = run_clean(clean_python, "-c", probe, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "clean", done.stderr
+
+
+def test_generate_and_info_from_the_client_only_install(clean_python, coordinator, tmp_path):
+    coordinator.fake.configure()
+    done = run_clean(clean_python, *DITSERVE, "generate", "--target",
+                     coordinator.address, "--class", "golden retriever", "--seed", "0",
+                     "--steps", "3", "--out", "out.png", "--latents-out", "x.npy", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(tmp_path / "out.png").format == "PNG"
+    assert np.load(tmp_path / "x.npy").shape == (1, 4, 2, 2)
+    assert list(coordinator.fake.requests[0].class_labels) == [207]
+    info = run_clean(clean_python, *DITSERVE, "info", "--target",
+                     coordinator.address, cwd=tmp_path)
+    assert info.returncode == 0 and "DiT-Tiny/2" in info.stdout, info.stderr
+
+
+def test_grid_without_pillow_is_a_clear_error(clean_python, coordinator, tmp_path):
+    coordinator.fake.configure()
+    done = run_clean(clean_python, *DITSERVE, "generate", "--target",
+                     coordinator.address, "--class", "1", "--class", "2", "--out", "grid.png",
+                     cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "Pillow is needed" in done.stderr and coordinator.fake.generate_calls == 0

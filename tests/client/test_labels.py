@@ -1,0 +1,48 @@
+"""Class names ↔ ids: the embedded ImageNet list, matching rules and error messages."""
+
+from __future__ import annotations
+
+import pytest
+from ditserve_client import ClassNames, UnknownClassError, imagenet_class_names
+
+
+def test_imagenet_list_is_the_standard_order():
+    names = imagenet_class_names()
+    assert len(names) == 1000 and len(set(names)) == 1000
+    known = {0: "tench", 1: "goldfish", 88: "macaw", 207: "golden retriever",
+             279: "Arctic fox", 360: "otter", 388: "giant panda", 417: "balloon",
+             812: "space shuttle", 933: "cheeseburger", 980: "volcano", 999: "toilet tissue"}
+    assert {i: names[i] for i in known} == known
+
+
+@pytest.fixture(scope="module")
+def imagenet() -> ClassNames:
+    return ClassNames.for_model([], 1000)
+
+
+@pytest.mark.parametrize("label, expected", [
+    ("golden retriever", 207), ("GOLDEN  Retriever", 207), ("golden_retriever", 207),
+    ("207", 207), (" 207 ", 207), (207, 207), ("Cardigan", 264), ("cardigan", 474),
+    ("crane", 517), ("crane bird", 134),
+])
+def test_resolve(imagenet, label, expected):
+    assert imagenet.resolve(label) == expected
+
+
+@pytest.mark.parametrize("label, message", [
+    ("golden retreiver", r"close matches: 'golden retriever' \(207\)"),
+    ("CARDIGAN", r"ambiguous: 264 \(Cardigan\) or 474 \(cardigan\)"),
+    ("qwertyuiop", "no close match"),
+    (1000, r"out of range \(0..999\)"), ("-1", "out of range"),
+    (True, "an id or a name"), (2.5, "an id or a name"),
+])
+def test_resolve_errors(imagenet, label, message):
+    with pytest.raises(UnknownClassError, match=message):
+        imagenet.resolve(label)
+
+
+def test_models_without_names_take_ids_only():
+    classes = ClassNames.for_model([], 10)
+    assert classes.resolve_all([3, "9"]) == [3, 9] and classes.name(3) == "3"
+    with pytest.raises(UnknownClassError, match="reports no class names"):
+        classes.resolve("cat")
