@@ -60,8 +60,9 @@ class CoordinatorConfig:
     """host:port to bind; empty means the address's port on all interfaces."""
     max_queued_requests: int = 64
     """Requests admitted but not finished; beyond it Generate fails RESOURCE_EXHAUSTED."""
-    max_rows_per_microbatch: int = 16
-    """Most rows (images, times 2 with guidance) in one microbatch."""
+    max_rows_per_microbatch: int = 32
+    """Most rows (images, times 2 with guidance) in one microbatch; at most the stages'
+    max_batch_size. A guided request of max_images_per_request images must fit."""
     microbatches_in_flight: int = 0
     """Microbatches kept in flight along the chain; 0 means the number of stages."""
     max_images_per_request: int = 16
@@ -126,6 +127,10 @@ class PipelineConfig:
                 raise ConfigError(f"stages[{i}].address must be host:port, got {stage.address!r}")
         if self.max_batch_size < 1:
             raise ConfigError("max_batch_size must be positive")
+        if self.coordinator.max_rows_per_microbatch > self.max_batch_size:
+            raise ConfigError(f"coordinator.max_rows_per_microbatch "
+                              f"({self.coordinator.max_rows_per_microbatch}) exceeds the stages' "
+                              f"max_batch_size ({self.max_batch_size})")
         return self
 
 

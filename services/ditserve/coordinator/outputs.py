@@ -1,0 +1,91 @@
+"""What a request gets besides progress: previews during denoising and final images.
+
+Approximate previews are a fixed linear latent→RGB map (sampling/previews.py), cheap
+enough for every step; decoded previews and final images go to the decoder service,
+awaited off the denoising loop so that decoding overlaps the denoising of others
+(PipeDiT's decoupled VAE decode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+from collections.abc import Awaitable
+from typing import Any
+
+import torch
+from ditserve_client.proto.dit.v1 import image_pb2
+
+from ditserve.chain.base import ChainError, ErrorCode
+from ditserve.common.logs import log_event
+from ditserve.sampling import latent_preview
+
+from .request import RequestState
+
+JPEG = image_pb2.IMAGE_FORMAT_JPEG
+PREVIEW_QUALITY = 75
+
+
+class OutputMaker:
+    """Previews and images of requests; `decoder` is a DecoderClient or None."""
+
+    def __init__(self, decoder: Any | None):
+        self.decoder = decoder
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder is not None
+
+    def previews_due(self, request: RequestState,
+                     pred_x0: torch.Tensor) -> Awaitable[list[Any]] | None:
+        """Previews of the predicted clean latents (n, C, L, L) if this step wants them."""
+        spec = request.spec
+        if spec.preview == "none" or request.step % spec.preview_every:
+            return None
+        if spec.preview == "approximate":
+            return _ready(approximate_previews(pred_x0, spec.labels))
+        return self._decoded_previews(pred_x0, request)
+
+    async def _decoded_previews(self, pred_x0: torch.Tensor, request: RequestState) -> list[Any]:
+        """VAE-decoded previews; a failure costs the preview, not the request."""
+        try:
+            return await self._decode(pred_x0, request, PREVIEW_QUALITY, JPEG)
+        except ChainError as error:
+            log_event("preview_failed", request_id=request.request_id, message=error.message)
+            return []
+
+    async def final_images(self, request: RequestState) -> list[Any]:
+        if request.spec.skip_images:
+            return []
+        return await self._decode(request.x, request, request.spec.image_quality,
+                                  request.spec.image_format)
+
+    async def _decode(self, latents: torch.Tensor, request: RequestState, quality: int,
+                      image_format: int) -> list[Any]:
+        if self.decoder is None:
+            raise ChainError(ErrorCode.FAILED_PRECONDITION, "no decoder is configured")
+        call = self.decoder.decode
+        args = (latents, image_format, quality, list(request.spec.labels))
+        if inspect.iscoroutinefunction(call):
+            return list(await call(*args))
+        return list(await asyncio.to_thread(call, *args))
+
+
+async def _ready(value: Any) -> Any:
+    return value
+
+
+def approximate_previews(pred_x0: torch.Tensor, labels: tuple[int, ...]) -> list[Any]:
+    """(n, C, L, L) predicted clean latents → one JPEG Image message per row."""
+    pixels = latent_preview(pred_x0)  # (n, H, W, 3) uint8
+    return [_jpeg(image.numpy(), label) for image, label in zip(pixels, labels, strict=True)]
+
+
+def _jpeg(pixels: Any, label: int) -> image_pb2.Image:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=PREVIEW_QUALITY)
+    return image_pb2.Image(data=buffer.getvalue(), format=JPEG, width=pixels.shape[1],
+                           height=pixels.shape[0], class_label=label)

@@ -1,0 +1,107 @@
+"""A generation request as the engine sees it: validated, defaults filled, no protobuf.
+
+`spec_from_proto` is the one place a `dit.v1.GenerateRequest` is checked; every problem is
+an INVALID_ARGUMENT naming the field (DESIGN §5), so a client knows what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from ditserve.chain.base import ChainError, ErrorCode
+from ditserve.config import CoordinatorConfig
+from ditserve.model import DiTConfig
+from ditserve.sampling import SAMPLERS
+
+DEFAULT_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """One validated request: n = len(labels) images of one latent size."""
+
+    request_id: str
+    labels: tuple[int, ...]
+    seed: int
+    sampler: str
+    num_steps: int
+    guidance_scale: float
+    guidance_channels: str = "first3"
+    """"first3" (the reference) or "all": the eps channels guidance applies to."""
+    preview: str = "none"
+    """"none", "approximate" or "decoded"."""
+    preview_every: int = 1
+    image_format: int = 1
+    """dit.v1.ImageFormat value (PNG = 1)."""
+    image_quality: int = DEFAULT_QUALITY
+    skip_images: bool = False
+    return_latents: bool = False
+    deadline: float | None = None
+    """time.monotonic() after which the request fails DEADLINE_EXCEEDED; None: no limit."""
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the request sends null-class rows (scale 1 means no guidance)."""
+        return self.guidance_scale != 1.0
+
+    @property
+    def rows(self) -> int:
+        """Rows this request puts in a microbatch: n conditional (+ n null-class)."""
+        return self.num_images * (2 if self.guided else 1)
+
+
+def invalid(field: str, message: str) -> ChainError:
+    return ChainError(ErrorCode.INVALID_ARGUMENT, f"{field}: {message}")
+
+
+def check_labels(labels: list[int], model: DiTConfig, config: CoordinatorConfig) -> None:
+    if not labels:
+        raise invalid("class_labels", "give at least one class label (one image per label)")
+    if len(labels) > config.max_images_per_request:
+        raise invalid("class_labels", f"{len(labels)} labels, at most "
+                      f"{config.max_images_per_request} images per request")
+    for label in labels:
+        if not 0 <= label < model.num_classes:
+            raise invalid("class_labels", f"label {label} is outside 0..{model.num_classes - 1}")
+
+
+def check_sampler_steps(sampler: str, steps: int) -> int:
+    """The step count to use (0 → the sampler's default), checked against its range."""
+    if sampler not in SAMPLERS:
+        raise invalid("sampler", f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    steps = steps or SAMPLERS[sampler].default_steps
+    if not 1 <= steps <= SAMPLERS[sampler].max_steps:
+        raise invalid("num_steps", f"{steps} is outside 1..{SAMPLERS[sampler].max_steps} for "
+                      f"sampler {sampler}")
+    return steps
+
+
+def check_guidance(scale: float, model: DiTConfig) -> None:
+    if not math.isfinite(scale) or scale < 1.0:
+        raise invalid("guidance_scale", f"must be a finite number >= 1 (1 disables guidance), "
+                      f"got {scale}")
+    if scale != 1.0 and not model.has_null_class:
+        raise invalid("guidance_scale", "this model has no null class, so only 1 is allowed")
+
+
+def check_rows(spec: GenerationSpec, config: CoordinatorConfig) -> None:
+    """A request's rows never split across microbatches, so they must fit in one."""
+    if spec.rows > config.max_rows_per_microbatch:
+        raise invalid("class_labels", f"{spec.num_images} images "
+                      f"{'with guidance ' if spec.guided else ''}need {spec.rows} rows, more "
+                      f"than the {config.max_rows_per_microbatch} rows of a microbatch")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def new_seed() -> int:
+    return secrets.randbits(63)
