@@ -86,6 +86,29 @@ def tiny_model(tiny_checkpoint):
     return load_dit(tiny_checkpoint)
 
 
+def make_tiny_vae(folder: Path, scaling_factor: float = 0.18215) -> Path:
+    """A 2-level AutoencoderKL (downsample 2) with random, perturbed weights."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        sample_size=32, scaling_factor=scaling_factor)
+    with torch.no_grad():  # spread the outputs over the pixel range
+        for param in vae.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
+
 def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
     """The grpc.health.v1 status of `service` at `address`, or None if unreachable."""
     with grpc.insecure_channel(address) as channel:
