@@ -8,8 +8,10 @@ stage i+1 and by the coordinator to reach stage 0 (through `RemoteChain`):
 - An in-stream error answers only its microbatch (ChainError with the sent code).
 - If the stream breaks, every microbatch in flight on it fails UNAVAILABLE (stages are
   stateless, so the caller may retry), and the client reconnects with exponential
-  backoff: the chain heals by itself when the next stage is back. Calls made while
-  backing off fail UNAVAILABLE at once rather than queue behind a dead peer.
+  backoff: the chain heals by itself when the next stage is back. A call made while
+  backing off waits for the next attempt for at most `reconnect_wait` seconds, then
+  fails UNAVAILABLE rather than queue behind a dead peer (a stage that started before
+  its next hop, or a hop restarting, is then no error at all).
 
 References: Triton's gRPC streaming inference (in-stream per-request errors), grpc
 Python aio bidi streaming examples.
@@ -37,6 +39,8 @@ from .base import ChainError, ErrorCode, StageDescription
 
 INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 2.0
+RECONNECT_WAIT_S = 2.5
+"""How long a call waits for a stream that is between reconnection attempts."""
 DESCRIBE_TIMEOUT_S = 10.0
 
 Outputs = dict[str, torch.Tensor]
@@ -54,6 +58,7 @@ class StageClient:
         self._ids = itertools.count(1)
         self._inflight: dict[int, asyncio.Future] = {}
         self._send: asyncio.Queue | None = None  # frames of the current stream; None: down
+        self._send_ready = asyncio.Event()  # set while _send is a queue
         self._connected = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -61,7 +66,7 @@ class StageClient:
     def start(self) -> None:
         """Starts the stream task (called lazily by the first `call`)."""
         if self._task is None:
-            self._send = asyncio.Queue()  # calls queue here while the stream opens
+            self._set_queue(asyncio.Queue())  # calls queue here while the stream opens
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def call(self, tensors: Sequence[tuple[str, torch.Tensor]],
@@ -70,10 +75,7 @@ class StageClient:
         if self._closed:
             raise ChainError(ErrorCode.UNAVAILABLE, f"client of {self.address} is closed")
         self.start()
-        queue = self._send
-        if queue is None:
-            raise ChainError(ErrorCode.UNAVAILABLE, f"{self.peer} at {self.address} is "
-                                                    "unreachable; reconnecting")
+        queue = await self._queue()
         mb_id = next(self._ids)
         frames = encode_frames(stage_pb2.ForwardRequest, mb_id, tensors, self.chunk_bytes,
                                request_ids=list(request_ids))
@@ -87,6 +89,23 @@ class StageClient:
         finally:
             self._inflight.pop(mb_id, None)
 
+    def _set_queue(self, queue: asyncio.Queue | None) -> None:
+        self._send = queue
+        if queue is None:
+            self._send_ready.clear()
+        else:
+            self._send_ready.set()
+
+    async def _queue(self) -> asyncio.Queue:
+        """The current stream's send queue, waiting briefly through a reconnection."""
+        if self._send is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._send_ready.wait(), RECONNECT_WAIT_S)
+        if self._send is None or self._closed:
+            raise ChainError(ErrorCode.UNAVAILABLE, f"{self.peer} at {self.address} is "
+                                                    "unreachable; reconnecting")
+        return self._send
+
     async def wait_connected(self, timeout: float) -> None:
         """Waits until the stream is open (the peer answered); TimeoutError otherwise."""
         self.start()
@@ -96,7 +115,7 @@ class StageClient:
         backoff = INITIAL_BACKOFF_S
         while not self._closed:
             error, was_connected = await self._stream(self._send)
-            self._send = None
+            self._set_queue(None)
             self._connected.clear()
             self._fail_inflight(error)
             if self._closed:
@@ -107,7 +126,7 @@ class StageClient:
                       error=error.message, retry_in=round(backoff, 3))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
-            self._send = asyncio.Queue()
+            self._set_queue(asyncio.Queue())
 
     async def _stream(self, queue: asyncio.Queue) -> tuple[ChainError, bool]:
         """Runs one stream until it breaks; returns why (UNAVAILABLE) and whether the peer
