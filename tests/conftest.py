@@ -7,6 +7,8 @@ Fixtures (use them from any test module):
 - `tiny_checkpoint`      → Path of a ditserve .safetensors of that model (session-scoped):
                            reference init, then perturbed so that every output is nonzero.
 - `tiny_model`           → the whole model loaded from it (float32, eval).
+- `UpCluster`            → `ditserve up` as a subprocess on free ports: `start()` waits for
+                           its "coordinator at" line; `stop()` leaves no process behind.
 - `launcher`             → a module-scoped `Launcher`: starts `ditserve ...` subprocesses,
                            waits for gRPC health SERVING, and kills every one at teardown
                            (even when a test fails).
@@ -27,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -217,3 +220,96 @@ def launcher(tmp_path_factory) -> Iterator[Launcher]:
         yield launcher
     finally:
         launcher.stop_all()
+
+
+def free_base_port(count: int = 4) -> int:
+    """A port P with P..P+count-1 all free on loopback (`ditserve up --port P` uses them)."""
+    for _ in range(50):
+        base = find_free_port()
+        try:
+            for offset in range(count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every descendant process of pid (from /proc)."""
+    found, frontier = set(), [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == parent and int(entry.name) not in found:
+                found.add(int(entry.name))
+                frontier.append(int(entry.name))
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """Whether pid runs (a zombie counts as gone)."""
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class UpCluster:
+    """`ditserve up ARGS --port P` as a subprocess; stdout and stderr merged."""
+
+    def __init__(self, args: Sequence[str], log_dir: Path, stages: int = 2):
+        self.port = free_base_port(2 + stages)
+        self.target = f"127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "ditserve.cli", "up", *args, "--port", str(self.port),
+                "--log-dir", str(log_dir)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.lines: list[str] = []
+        self._seen = 0
+        # A thread drains the pipe: select() on a buffered text pipe misses lines already
+        # read into the buffer, and an undrained pipe would block the launcher.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def read_until(self, needle: str, timeout: float) -> str:
+        """Waits for an output line (after those already matched) holding `needle`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while self._seen < len(self.lines):
+                line = self.lines[self._seen]
+                self._seen += 1
+                if needle in line:
+                    return line
+            if self.proc.poll() is not None and self._seen == len(self.lines):
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no {needle!r} from ditserve up:\n{''.join(self.lines)}")
+
+    def start(self, timeout: float = 240.0) -> UpCluster:
+        self.read_until("coordinator at", timeout)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM (then SIGKILL), and SIGKILL any descendant still alive."""
+        children = descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for pid in children:
+            if is_alive(pid):
+                os.kill(pid, signal.SIGKILL)
