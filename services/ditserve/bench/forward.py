@@ -1,6 +1,6 @@
 """Forward time and peak memory of a whole DiT and of one stage, each in a fresh process.
 
-    ditserve bench forward --models DiT-S/2 DiT-B/2 DiT-XL/2 --batch 2 --stages 4
+    ditserve bench forward --models DiT-S/2,DiT-B/2,DiT-XL/2 --set batch=2 --set stages=4
 
 Random weights at the real sizes (speed does not depend on the values). Each measurement
 runs in its own subprocess so that peak resident memory (ru_maxrss) is that of one model.
@@ -14,6 +14,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
+
+from .report import Report
 
 
 def measure(model: str, batch: int, image_size: int, stages: int, stage: int | None,
@@ -70,3 +73,41 @@ def table(rows: list[dict]) -> str:
     lines += [f"| {r['model']} | {r['stage']} | {r['blocks']} | {r['params_m']:.1f} | "
               f"{r['forward_ms_median']:.1f} | {r['peak_rss_mib']:.0f} |" for r in rows]
     return "\n".join(lines)
+
+
+@dataclass
+class Settings:
+    """What `ditserve bench forward` measures."""
+
+    models: tuple[str, ...] = ("DiT-S/2", "DiT-B/2")
+    """DiT configs by name."""
+    batch: int = 2
+    """Rows per forward."""
+    image_size: int = 256
+    """Image side in pixels (latent = image / 8)."""
+    stages: int = 4
+    """Stages the model is cut into; every stage is measured, as well as the whole."""
+    repeats: int = 3
+    """Timed forwards per measurement (after one warm-up)."""
+    threads: int = 1
+    """torch threads of each measuring process."""
+    device: str = "cpu"
+    """cpu only (the measurement is of host memory)."""
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(models=("DiT-Tiny/2",), image_size=64, stages=2, repeats=1)
+
+
+def run(s: Settings) -> Report:
+    rows = []
+    for model in s.models:
+        for stage in (None, *range(s.stages)):
+            rows.append(run_isolated(model, s.batch, s.image_size, s.stages, stage, s.repeats,
+                                     s.threads))
+    columns = [("model", "model"), ("stage", "part"), ("blocks", "blocks"),
+               ("params_m", "params (M)"), ("forward_ms_median", "forward ms (median)"),
+               ("peak_rss_mib", "peak RSS (MiB)")]
+    notes = [f"Each row in a fresh process, batch {s.batch}, {s.image_size} px, {s.threads} "
+             f"thread(s), median of {s.repeats} forwards after a warm-up."]
+    return Report("forward", rows, columns, {"rows": rows}, notes, asdict(s))

@@ -1,0 +1,87 @@
+"""Smoke tests of `ditserve bench`: every scenario runs in its --quick tiny mode and writes
+valid JSON and a Markdown table. Not timing assertions: the figures are not checked, only
+that the harness measures what it says (rows per variant, bytes close to theory)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from ditserve.cli import main
+
+SCENARIOS = ("distribution", "throughput", "peer", "wire", "memory", "forward")
+
+
+def _bench(scenario: str, out_dir, *extra: str) -> dict:
+    assert main(["bench", scenario, "--quick", "--out-dir", str(out_dir), *extra]) == 0
+    data = json.loads((out_dir / f"{scenario}.json").read_text())
+    table = (out_dir / f"{scenario}.md").read_text()
+    assert data["scenario"] == scenario and data["summary"] and data["samples"]
+    assert data["machine"]["cores"] >= 1 and data["machine"]["torch"] == torch.__version__
+    assert data["command"].startswith(f"ditserve bench {scenario}")
+    header = next(line for line in table.splitlines() if line.startswith("| "))
+    assert "|---|" in table and table.count("\n| ") >= len(data["summary"])
+    assert header.count("|") >= 3
+    return data
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every scenario once (quick), sharing one output folder."""
+    out = tmp_path_factory.mktemp("bench")
+    return {s: _bench(s, out) for s in SCENARIOS}, out
+
+
+def test_every_scenario_writes_json_and_markdown(results):
+    _, out = results
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{s}.{ext}" for s in SCENARIOS for ext in ("json", "md"))
+
+
+def test_distribution_compares_monolith_and_each_chain(results):
+    rows = results[0]["distribution"]["summary"]
+    assert [r["variant"] for r in rows] == ["monolith", "2 stages"]
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 0
+
+
+def test_throughput_reports_utilisation_per_stage(results):
+    rows = results[0]["throughput"]["summary"]
+    two = next(r for r in rows if r["variant"] == "2 stages")
+    assert len(two["utilisation"].split(" / ")) == 2
+    assert 0.0 <= two["bubble"] <= 1.0
+    assert {r["clients"] for r in rows} == {1, 4}
+
+
+def test_peer_runs_diffusers_and_ditserve(results):
+    names = {r["variant"] for r in results[0]["peer"]["summary"]}
+    assert {"diffusers, one call per request", "diffusers, one batched call",
+            "ditserve monolith", "ditserve 2 stages"} <= names
+
+
+def test_wire_bytes_match_theory_plus_conditioning(results):
+    hop = results[0]["wire"]["summary"][0]
+    # T=16, D=64: c adds D/(T·D) = 1/16 to the bf16 tokens
+    assert hop["ratio"] == pytest.approx(1 + 1 / 16, rel=0.02)
+
+
+def test_memory_measures_each_stage_and_the_floor(results):
+    parts = [r["stage"] for r in results[0]["memory"]["summary"]]
+    assert parts == ["whole", "0/2", "1/2", "torch import only"]
+
+
+def test_unknown_setting_is_a_one_line_error(tmp_path, capsys):
+    assert main(["bench", "wire", "--quick", "--set", "nonsense=1", "--out-dir", str(tmp_path)]) == 2
+    assert "has no setting 'nonsense'" in capsys.readouterr().err
+
+
+def test_gpu_without_cuda_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "gpu", "--quick", "--out-dir", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_models_flag_of_a_one_model_scenario_takes_one_model(tmp_path, capsys):
+    assert main(["bench", "peer", "--quick", "--models", "DiT-S/2,DiT-B/2",
+                 "--out-dir", str(tmp_path)]) == 2
+    assert "measures one model" in capsys.readouterr().err
