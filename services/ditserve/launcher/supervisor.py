@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -18,13 +17,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from .plan import ServiceSpec
 
 log = logging.getLogger("ditserve.up")
-_PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+# Runs in the child: ask Linux for SIGTERM when the launcher dies (even by SIGKILL), then
+# exec the service. A wrapper rather than preexec_fn: forking a process that has gRPC
+# threads and then running Python code before exec is unsafe.
+_EXEC_WITH_PARENT_DEATH_SIGNAL = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "except OSError:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('ditserve up: the launcher is gone')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
+def _with_parent_death_signal(argv: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-c", _EXEC_WITH_PARENT_DEATH_SIGNAL, str(os.getpid()), *argv]
 
 
 def is_serving(address: str, timeout: float = 1.0) -> bool:
@@ -49,7 +59,7 @@ class ManagedService:
     log_file: object = field(default=None, repr=False)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.spec.argv, preexec_fn=_die_with_parent,
+        self.process = subprocess.Popen(_with_parent_death_signal(self.spec.argv),
                                         stdout=self.log_file, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
 
