@@ -1,0 +1,135 @@
+"""`ditserve train-demo`: data → VAE → classifier → DiT → checks, model card, sample grid.
+
+Every stage is seeded from one seed, so a run is deterministic for a seed and a thread
+count (CPU kernels may sum in another order with more threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from ..model import load_dit, save_ditserve
+from .card import evaluate, write_card, write_sample_grid
+from .classifier import (
+    ShapeClassifier,
+    load_classifier,
+    predict,
+    save_classifier,
+    train_classifier,
+)
+from .dit import DEMO_DIT_CONFIG, train_dit
+from .shapes import CLASS_NAMES, make_dataset
+from .vae import decode, encode, set_scaling_factor, train_vae
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Sizes of one training run."""
+
+    train_images: int = 10000
+    """Procedural training images (class-balanced)."""
+    heldout_images: int = 2000
+    """Held-out images for the classifier's accuracy (another seed)."""
+    vae_steps: int = 500
+    """VAE optimiser steps."""
+    vae_batch: int = 32
+    """VAE batch size."""
+    classifier_steps: int = 400
+    """Classifier optimiser steps (batch 64)."""
+    judge_recon_images: int = 3000
+    """Training images whose VAE reconstructions the classifier also learns from."""
+    dit_steps: int = 5000
+    """DiT optimiser steps."""
+    dit_lr: float = 6e-4
+    """DiT AdamW learning rate (above the reference's 1e-4: the run is short)."""
+    dit_batch: int = 64
+    """DiT batch size."""
+    ema_decay: float = 0.995
+    """EMA decay of the shipped DiT weights."""
+    eval_per_class: int = 10
+    """Generated images per class and sampler setting for the model card."""
+    eval_settings: tuple[tuple[str, int, float], ...] = field(default=tuple(
+        (sampler, steps, guidance) for sampler, steps in (
+            ("ddpm", 250), ("ddim", 50), ("dpm-solver++", 20)) for guidance in (1.0, 4.0)))
+    """(sampler, steps, guidance) settings measured for the model card."""
+    grid_steps: int = 50
+    """DDIM steps of the sample grid."""
+
+
+FULL = TrainPlan()
+QUICK = TrainPlan(train_images=200, heldout_images=100, vae_steps=3, vae_batch=8,
+                  classifier_steps=3, judge_recon_images=20, dit_steps=3, dit_batch=16,
+                  ema_decay=0.5,
+                  eval_per_class=1, eval_settings=(("ddim", 2, 4.0),), grid_steps=2)
+"""A tiny run that exercises every stage in seconds (its weights are useless)."""
+
+
+def train_all(out: Path, seed: int, plan: TrainPlan, log: Callable[[str], None]) -> dict:
+    """Trains everything into `out` (the layout of demo/weights), then checks it and writes
+    the card; returns the measurements (also written to `training.json`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stats: dict = {"seed": seed, "plan": dataclasses.asdict(plan),
+                   "threads": torch.get_num_threads()}
+    start = time.monotonic()
+    # Data:
+    images, labels = make_dataset(plan.train_images, seed)
+    heldout, heldout_labels = make_dataset(plan.heldout_images, seed + 1_000_003)
+    (out / "class_names.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    # VAE, and the latents of the training set at the data's scale:
+    vae, stats["vae_l1"] = train_vae(images, plan.vae_steps, plan.vae_batch, seed, log)
+    raw = encode(vae, images)  # (N, 4, 8, 8)
+    stats["scaling_factor"] = set_scaling_factor(vae, raw)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    stats["vae_s"] = time.monotonic() - start
+    log(f"vae done: l1 {stats['vae_l1']:.4f} scale {stats['scaling_factor']:.4f}")
+    # Classifier:
+    classifier = train_judge(images, labels, vae, plan, seed, log)
+    stats["classifier_acc"] = float((predict(classifier, heldout) == heldout_labels).mean())
+    save_classifier(classifier, out / "classifier.safetensors")
+    stats["classifier_s"] = time.monotonic() - start - stats["vae_s"]
+    log(f"classifier held-out accuracy {stats['classifier_acc']:.4f}")
+    # DiT on scaled latents; the EMA weights ship, in float16 to halve the file:
+    latents = raw * stats["scaling_factor"]
+    dit, stats["dit_losses"] = train_dit(latents, torch.from_numpy(labels), plan.dit_steps,
+                                         plan.dit_batch, seed, log, lr=plan.dit_lr,
+                                         ema_decay=plan.ema_decay)
+    save_ditserve(((k, v.half()) for k, v in dit.state_dict().items()), DEMO_DIT_CONFIG,
+                  out / "dit.safetensors")
+    stats["dit_s"] = time.monotonic() - start - stats["vae_s"] - stats["classifier_s"]
+    stats["train_s"] = time.monotonic() - start
+    (out / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
+    log(f"trained in {stats['train_s']:.0f} s")
+    finish(out, plan.eval_settings, plan.eval_per_class, plan.grid_steps, log)
+    return stats
+
+
+def train_judge(images: np.ndarray, labels: np.ndarray, vae: AutoencoderKL, plan: TrainPlan,
+                seed: int, log: Callable[[str], None]) -> ShapeClassifier:
+    """The classifier, trained on drawn images and on their VAE reconstructions: generated
+    images come through the VAE, so the judge must know what its blur does to each class."""
+    count = min(plan.judge_recon_images, len(images))
+    recon = decode(vae, encode(vae, images[:count]) * vae.config.scaling_factor)
+    both = np.concatenate([images, recon]), np.concatenate([labels, labels[:count]])
+    return train_classifier(*both, plan.classifier_steps, seed, log)
+
+
+def finish(out: Path, settings: tuple[tuple[str, int, float], ...], per_class: int,
+           grid_steps: int, log: Callable[[str], None]) -> None:
+    """Judges the weights in `out` as shipped: generation accuracy per sampler setting,
+    the sample grid, and MODEL_CARD.md (with `training.json`'s measurements)."""
+    stats = json.loads((out / "training.json").read_text())
+    dit = load_dit(out / "dit.safetensors")
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    classifier = load_classifier(out / "classifier.safetensors")
+    stats["generation"] = evaluate(dit, vae, classifier, settings, per_class, stats["seed"], log)
+    write_sample_grid(dit, vae, out / "samples.png", stats["seed"], grid_steps)
+    write_card(out / "MODEL_CARD.md", stats, out)

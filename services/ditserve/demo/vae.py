@@ -1,0 +1,86 @@
+"""The demo VAE: diffusers' `AutoencoderKL` (Stable Diffusion's layout, ×8 down, 4 latent
+channels) at a small width, trained on the procedural shapes.
+
+Loss: L1 reconstruction plus a small KL term (the SD VAE's recipe without its perceptual
+and adversarial terms, which flat-coloured shapes do not need). The latent scale is the
+data's 1 / std of the latents, as SD's 0.18215 was measured, and is written to the
+config's `scaling_factor` where the decoder reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from .shapes import IMAGE_SIZE
+
+KL_WEIGHT = 1e-6
+"""Weight of the KL term: small, so the latents stay informative (as SD's VAE)."""
+
+
+def build_vae() -> AutoencoderKL:
+    """A fresh small AutoencoderKL: 64×64×3 images ↔ (4, 8, 8) latents."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=2)
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Decoder output (N, 3, H, W) → uint8 (N, H, W, 3), DESIGN's clamp(127.5 x + 128)."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def train_vae(images: np.ndarray, steps: int, batch: int, seed: int,
+              log: Callable[[str], None]) -> tuple[AutoencoderKL, float]:
+    """Trains a VAE on uint8 images (N, H, W, 3); returns it (eval mode) and the last L1."""
+    torch.manual_seed(seed)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    recent: list[float] = []
+    for step in range(steps):
+        x = to_unit(images[torch.randint(len(images), (batch,), generator=gen).numpy()])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        l1 = (vae.decode(z).sample - x).abs().mean()
+        loss = l1 + KL_WEIGHT * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        recent = [*recent[-49:], float(l1.detach())]
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} l1 {np.mean(recent):.4f}")
+    return vae.eval().requires_grad_(False), float(np.mean(recent))
+
+
+@torch.no_grad()
+def encode(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Posterior means (N, 4, 8, 8) of uint8 images (N, H, W, 3), unscaled."""
+    return torch.cat([vae.encode(to_unit(images[i:i + batch])).latent_dist.mean
+                      for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKL, latents: torch.Tensor, batch: int = 128) -> np.ndarray:
+    """Scaled latents (N, 4, 8, 8) → uint8 images (N, H, W, 3)."""
+    scale = vae.config.scaling_factor
+    return np.concatenate([to_uint8(vae.decode(latents[i:i + batch] / scale).sample)
+                           for i in range(0, len(latents), batch)])
+
+
+def set_scaling_factor(vae: AutoencoderKL, latents: torch.Tensor) -> float:
+    """Sets config.scaling_factor to 1 / std of the unscaled latents; returns it."""
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    return scale

@@ -1,0 +1,45 @@
+"""The procedural dataset: deterministic for a seed, class-balanced, valid images."""
+
+import numpy as np
+import pytest
+from ditserve.demo import DEMO_CLASS_NAMES
+from ditserve.demo.shapes import CLASS_NAMES, IMAGE_SIZE, make_dataset
+
+
+def test_same_seed_same_images_other_seed_other_images():
+    a_images, a_labels = make_dataset(40, seed=3)
+    b_images, b_labels = make_dataset(40, seed=3)
+    c_images, _ = make_dataset(40, seed=4)
+    np.testing.assert_array_equal(a_images, b_images)
+    np.testing.assert_array_equal(a_labels, b_labels)
+    assert not np.array_equal(a_images, c_images)
+
+
+def test_classes_are_balanced_and_shuffled():
+    images, labels = make_dataset(50, seed=0)
+    assert images.shape == (50, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
+    assert np.bincount(labels, minlength=10).tolist() == [5] * 10
+    assert labels.tolist() != sorted(labels.tolist())
+
+
+def test_images_vary_within_a_class():
+    images, labels = make_dataset(20, seed=1)
+    same = images[labels == 0].astype(np.int32)
+    assert np.abs(same[0] - same[1]).mean() > 10
+
+
+def test_shape_colour_dominates_its_class():
+    # The brightest pixels of a red-circle image are red: the shape is drawn, not noise.
+    images, labels = make_dataset(10, seed=2)
+    red = images[labels == CLASS_NAMES.index("red circle")][0].reshape(-1, 3).astype(int)
+    top = red[np.argsort(red.sum(1))[-50:]].mean(0)
+    assert top[0] > 150 and top[0] > 2 * top[1] and top[0] > 2 * top[2]
+
+
+def test_names_match_the_package_constant():
+    assert CLASS_NAMES == DEMO_CLASS_NAMES and len(set(CLASS_NAMES)) == 10
+
+
+def test_rejects_an_empty_dataset():
+    with pytest.raises(ValueError, match="dataset size"):
+        make_dataset(0, seed=0)
