@@ -144,3 +144,14 @@ def _save_plain_safetensors(path):
 def _garbage(path):
     path.write_bytes(b"\x00not a checkpoint" * 10)
     return path
+
+
+def test_to_diffusers_is_the_inverse_of_reading_diffusers(reference_state, reference_config):
+    """The library's export equals the mapping written out independently above, and
+    diffusers' own class accepts it without a missing or unexpected key."""
+    from ditserve.model.checkpoint import to_diffusers
+
+    ours = to_diffusers(reference_state, reference_config.depth)
+    theirs = _to_diffusers(reference_state, reference_config.depth)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

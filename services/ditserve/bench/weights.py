@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ditserve.model import DiT, DiTConfig, dit_config, save_ditserve
+from ditserve.model.checkpoint import to_diffusers
 
 
 def random_model(name: str, input_size: int, seed: int = 0) -> DiT:
@@ -25,36 +26,6 @@ def checkpoint(model: DiT, folder: str | Path) -> Path:
     path = Path(folder) / f"{model.config.name.replace('/', '-')}-{model.config.input_size}.safetensors"
     save_ditserve(model.state_dict().items(), model.config, path)
     return path
-
-
-def to_diffusers(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Official DiT keys → DiTTransformer2DModel keys (every block gets the embedders; q, k,
-    v split). pos_embed is a fixed buffer diffusers recomputes."""
-    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"],
-           "pos_embed.proj.bias": state["x_embedder.proj.bias"],
-           "proj_out_1.weight": state["final_layer.adaLN_modulation.1.weight"],
-           "proj_out_1.bias": state["final_layer.adaLN_modulation.1.bias"],
-           "proj_out_2.weight": state["final_layer.linear.weight"],
-           "proj_out_2.bias": state["final_layer.linear.bias"]}
-    for i in range(depth):
-        out.update(_block_to_diffusers(state, i))
-    return out
-
-
-def _block_to_diffusers(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    b, src, out = f"transformer_blocks.{i}.", f"blocks.{i}.", {}
-    for p in ("weight", "bias"):
-        out[f"{b}norm1.emb.timestep_embedder.linear_1.{p}"] = state[f"t_embedder.mlp.0.{p}"]
-        out[f"{b}norm1.emb.timestep_embedder.linear_2.{p}"] = state[f"t_embedder.mlp.2.{p}"]
-        out[f"{b}norm1.linear.{p}"] = state[f"{src}adaLN_modulation.1.{p}"]
-        q, k, v = state[f"{src}attn.qkv.{p}"].chunk(3)
-        out[f"{b}attn1.to_q.{p}"], out[f"{b}attn1.to_k.{p}"], out[f"{b}attn1.to_v.{p}"] = q, k, v
-        out[f"{b}attn1.to_out.0.{p}"] = state[f"{src}attn.proj.{p}"]
-        out[f"{b}ff.net.0.proj.{p}"] = state[f"{src}mlp.fc1.{p}"]
-        out[f"{b}ff.net.2.{p}"] = state[f"{src}mlp.fc2.{p}"]
-    out[f"{b}norm1.emb.class_embedder.embedding_table.weight"] = state[
-        "y_embedder.embedding_table.weight"]
-    return out
 
 
 def diffusers_transformer(model: DiT):

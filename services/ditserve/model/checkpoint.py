@@ -167,9 +167,10 @@ def _config_from_diffusers(cfg: dict, tensors: dict[str, torch.Tensor]) -> DiTCo
                      name=named[0] if named else "")
 
 
-def _official_from_diffusers(t: dict[str, torch.Tensor], depth: int) -> dict:
-    """Official key → a thunk reading it from the diffusers tensors (scripts/convert_dit_to_
-    diffusers.py in reverse). Thunks keep memory to one mapped tensor at a time."""
+def diffusers_key_map(depth: int) -> dict[str, str]:
+    """Official key → diffusers DiTTransformer2DModel key (scripts/convert_dit_to_diffusers
+    .py), for every tensor but q/k/v (split in diffusers) and pos_embed (recomputed there).
+    The embedders map to block 0's copy; diffusers repeats them in every block."""
     emb = "transformer_blocks.0.norm1.emb."
     mapping = {"x_embedder.proj.weight": "pos_embed.proj.weight",
                "x_embedder.proj.bias": "pos_embed.proj.bias",
@@ -189,6 +190,31 @@ def _official_from_diffusers(t: dict[str, torch.Tensor], depth: int) -> dict:
             mapping[f"{dst}attn.proj.{part}"] = f"{src}attn1.to_out.0.{part}"
             mapping[f"{dst}mlp.fc1.{part}"] = f"{src}ff.net.0.proj.{part}"
             mapping[f"{dst}mlp.fc2.{part}"] = f"{src}ff.net.2.{part}"
+    return mapping
+
+
+_EMBEDDER_PREFIX = "transformer_blocks.0.norm1.emb."
+
+
+def to_diffusers(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Official state dict → DiTTransformer2DModel's: the embedders copied into every block,
+    q/k/v split (the inverse of DiffusersReader)."""
+    out = {}
+    for official, key in diffusers_key_map(depth).items():
+        for i in range(depth if key.startswith(_EMBEDDER_PREFIX) else 1):
+            out[key.replace("transformer_blocks.0.", f"transformer_blocks.{i}.", 1)] = state[official]
+    for i in range(depth):
+        for part in ("weight", "bias"):
+            q, k, v = state[f"blocks.{i}.attn.qkv.{part}"].chunk(3)
+            for name, tensor in zip("qkv", (q, k, v), strict=True):
+                out[f"transformer_blocks.{i}.attn1.to_{name}.{part}"] = tensor
+    return out
+
+
+def _official_from_diffusers(t: dict[str, torch.Tensor], depth: int) -> dict:
+    """Official key → a thunk reading it from the diffusers tensors. Thunks keep memory to
+    one mapped tensor at a time."""
+    mapping = diffusers_key_map(depth)
     missing = [v for v in mapping.values() if v not in t]
     if missing:
         raise CheckpointError(f"diffusers checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
