@@ -62,10 +62,10 @@ def test_classify_rejects_float_images():
         classify(np.zeros((1, 64, 64, 3), dtype=np.float32))
 
 
-# The shipped model reaches ~60% here (MODEL_CARD.md), below issue 6's 90% target: its
-# VAE is too small and briefly trained (colours shift). This bar guards what it does
-# reach (4x chance); raise it to 0.9 with better weights.
-GENERATION_ACCURACY_BAR = 0.4
+# The shipped model reaches 95-98% with guidance 4 over 100 images (MODEL_CARD.md) and
+# 27/30 with these settings and seed; the bar leaves one image of slack for other CPUs'
+# float order. Issue 6's 90% is asserted through the pipeline (tests/launcher).
+GENERATION_ACCURACY_BAR = 0.85
 
 
 def test_generated_images_show_the_requested_class(dit, vae):

@@ -39,21 +39,27 @@ class TrainPlan:
     """Procedural training images (class-balanced)."""
     heldout_images: int = 2000
     """Held-out images for the classifier's accuracy (another seed)."""
-    vae_steps: int = 500
+    vae_steps: int = 1200
     """VAE optimiser steps."""
-    vae_batch: int = 32
+    vae_batch: int = 16
     """VAE batch size."""
+    vae_lr: float = 2e-3
+    """VAE AdamW peak learning rate (warm-up, then cosine decay)."""
     classifier_steps: int = 400
     """Classifier optimiser steps (batch 64)."""
     judge_recon_images: int = 3000
     """Training images whose VAE reconstructions the classifier also learns from."""
-    dit_steps: int = 5000
+    dit_steps: int = 7000
     """DiT optimiser steps."""
-    dit_lr: float = 6e-4
-    """DiT AdamW learning rate (above the reference's 1e-4: the run is short)."""
+    dit_lr: float = 1e-3
+    """DiT AdamW peak learning rate (above the reference's 1e-4: the run is short)."""
     dit_batch: int = 64
     """DiT batch size."""
-    ema_decay: float = 0.995
+    dit_finetune_steps: int = 8000
+    """Second DiT phase: steps from the first phase's (float16) EMA weights, seed + 1."""
+    dit_finetune_lr: float = 5e-4
+    """Peak learning rate of the second phase (warm-up, then cosine decay)."""
+    ema_decay: float = 0.999
     """EMA decay of the shipped DiT weights."""
     eval_per_class: int = 10
     """Generated images per class and sampler setting for the model card."""
@@ -68,6 +74,7 @@ class TrainPlan:
 FULL = TrainPlan()
 QUICK = TrainPlan(train_images=200, heldout_images=100, vae_steps=3, vae_batch=8,
                   classifier_steps=3, judge_recon_images=20, dit_steps=3, dit_batch=16,
+                  dit_finetune_steps=2,
                   ema_decay=0.5,
                   eval_per_class=1, eval_settings=(("ddim", 2, 4.0),), grid_steps=2)
 """A tiny run that exercises every stage in seconds (its weights are useless)."""
@@ -85,7 +92,8 @@ def train_all(out: Path, seed: int, plan: TrainPlan, log: Callable[[str], None])
     heldout, heldout_labels = make_dataset(plan.heldout_images, seed + 1_000_003)
     (out / "class_names.txt").write_text("\n".join(CLASS_NAMES) + "\n")
     # VAE, and the latents of the training set at the data's scale:
-    vae, stats["vae_l1"] = train_vae(images, plan.vae_steps, plan.vae_batch, seed, log)
+    vae, stats["vae_l1"] = train_vae(images, plan.vae_steps, plan.vae_batch, seed, log,
+                                         lr=plan.vae_lr)
     raw = encode(vae, images)  # (N, 4, 8, 8)
     stats["scaling_factor"] = set_scaling_factor(vae, raw)
     vae.save_pretrained(out / "vae", safe_serialization=True)
@@ -102,6 +110,12 @@ def train_all(out: Path, seed: int, plan: TrainPlan, log: Callable[[str], None])
     dit, stats["dit_losses"] = train_dit(latents, torch.from_numpy(labels), plan.dit_steps,
                                          plan.dit_batch, seed, log, lr=plan.dit_lr,
                                          ema_decay=plan.ema_decay)
+    # Second phase: a lower peak lr from the first phase's EMA weights as shipped (float16).
+    if plan.dit_finetune_steps:
+        shipped = {k: v.half().float() for k, v in dit.state_dict().items()}
+        dit, stats["dit_losses"] = train_dit(
+            latents, torch.from_numpy(labels), plan.dit_finetune_steps, plan.dit_batch,
+            seed + 1, log, lr=plan.dit_finetune_lr, ema_decay=plan.ema_decay, init=shipped)
     save_ditserve(((k, v.half()) for k, v in dit.state_dict().items()), DEMO_DIT_CONFIG,
                   out / "dit.safetensors")
     stats["dit_s"] = time.monotonic() - start - stats["vae_s"] - stats["classifier_s"]

@@ -19,6 +19,13 @@ from .shapes import IMAGE_SIZE
 
 KL_WEIGHT = 1e-6
 """Weight of the KL term: small, so the latents stay informative (as SD's VAE)."""
+BLOCK_OUT_CHANNELS = (16, 32, 64, 64)
+"""Widths per resolution (64, 32, 16, 8 px): the full-resolution blocks cost the most."""
+NORM_GROUPS = 4
+"""GroupNorm groups: 4+ channels per group, so the norms keep each image's colours (one
+channel per group normalises every colour channel's mean away)."""
+WARMUP_STEPS = 100
+"""Linear learning-rate warm-up before the cosine decay."""
 
 
 def build_vae() -> AutoencoderKL:
@@ -26,7 +33,7 @@ def build_vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=2)
+        block_out_channels=BLOCK_OUT_CHANNELS, layers_per_block=1, norm_num_groups=NORM_GROUPS)
 
 
 def to_unit(images: np.ndarray) -> torch.Tensor:
@@ -39,13 +46,24 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int,
+                  warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0.1× the peak lr."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.45 * (1 + np.cos(np.pi * min(progress, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train_vae(images: np.ndarray, steps: int, batch: int, seed: int,
-              log: Callable[[str], None]) -> tuple[AutoencoderKL, float]:
+              log: Callable[[str], None], lr: float = 2e-3) -> tuple[AutoencoderKL, float]:
     """Trains a VAE on uint8 images (N, H, W, 3); returns it (eval mode) and the last L1."""
     torch.manual_seed(seed)
     vae = build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = warmup_cosine(opt, steps, min(WARMUP_STEPS, steps))
     gen = torch.Generator().manual_seed(seed)
     recent: list[float] = []
     for step in range(steps):
