@@ -15,7 +15,8 @@ HELP = "start the local cluster on the demo model, generate a grid of every clas
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo.png", help="grid PNG to write")
     parser.add_argument("--stages", type=int, default=2, help="pipeline stages (default 2)")
-    parser.add_argument("--per-class", type=int, default=1, help="images of each class")
+    parser.add_argument("--per-class", type=int, default=3,
+                        help="images of each class: rows of the grid (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", default=None, help="default: the server's (ddpm, 250 steps)")
     parser.add_argument("--steps", type=int, default=0)
@@ -43,24 +44,28 @@ def _wait_ready(process) -> str:
                        "(see its log directory)")
 
 
-def _generate(target: str, args: argparse.Namespace) -> list:
+def _generate(target: str, args: argparse.Namespace) -> tuple[list, int]:
+    """One request per grid row, one column per class (the first 10 classes at most)."""
     from ditserve_client import Client
 
     with Client(target) as client:
         info = client.model_info()
-        num_classes = info.classes.num_classes or 0
-        labels = [c for c in range(num_classes) for _ in range(args.per_class)]
+        num_classes = min(10, info.classes.num_classes or 0)
+        labels = [c for _ in range(args.per_class) for c in range(num_classes)]  # row by row
         print(f"demo: {info.model_name} over {len(info.stages)} stages; "
               f"{len(labels)} images of {num_classes} classes", flush=True)
+        print("demo: grid columns: " + ", ".join(info.classes.name(c) for c in range(num_classes)),
+              flush=True)
         images = []
-        for first in range(0, len(labels), 10):
-            result = client.generate_result(labels[first:first + 10], seed=args.seed + first,
+        for first in range(0, len(labels), num_classes):  # one request per grid row
+            result = client.generate_result(labels[first:first + num_classes],
+                                            seed=args.seed + first,
                                             sampler=args.sampler, steps=args.steps,
                                             guidance=args.guidance)
             images += result.images
             print(f"demo: {len(images)}/{len(labels)} images "
                   f"({result.timings.denoising:.1f} s denoising)", flush=True)
-    return images
+    return images, num_classes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,14 +74,16 @@ def run(args: argparse.Namespace) -> int:
 
     from ditserve_client.grid import save_grid
 
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cluster = _start_cluster(args, port)
     try:
         target = _wait_ready(cluster)
-        images = _generate(target, args)
-        save_grid(images, args.out, columns=10)
+        images, columns = _generate(target, args)
+        save_grid(images, args.out, columns=columns)
         print(f"demo: wrote {args.out}", flush=True)
     finally:
         cluster.send_signal(signal.SIGTERM)
