@@ -10,10 +10,9 @@ import io
 import numpy as np
 import pytest
 from conftest import UpCluster
+from ditserve.demo import DEMO_CLASS_NAMES, classify
 from ditserve_client import Client
 from PIL import Image
-
-from ditserve.demo import DEMO_CLASS_NAMES, classify
 
 IMAGES_PER_CLASS = 3
 
