@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from .channel import CHANNEL_OPTIONS, RETRYABLE, Backoff, ChannelSettings
+from .channel import RETRYABLE, Backoff, ChannelSettings
 from .client import Label, needs_names
 from .errors import DitserveError, from_rpc_error
 from .events import Accepted, Event, Result, event_from_proto
@@ -31,9 +31,7 @@ class AsyncClient:
         self.settings = ChannelSettings(target, tls, root_certificates, token)
         self.timeout = timeout
         self.backoff = Backoff(retries=retries)
-        creds = self.settings.credentials()
-        self._channel = (grpc.aio.secure_channel(target, creds, CHANNEL_OPTIONS) if creds
-                         else grpc.aio.insecure_channel(target, CHANNEL_OPTIONS))
+        self._channel = self.settings.open(grpc.aio)
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self._info: ModelInfo | None = None
 

@@ -51,6 +51,13 @@ class ChannelSettings:
                 creds, grpc.access_token_call_credentials(self.token))
         return creds
 
+    def open(self, api=grpc):
+        """A channel of `api` (grpc, or grpc.aio for the asyncio client) with these settings."""
+        creds = self.credentials()
+        if creds is not None:
+            return api.secure_channel(self.target, creds, CHANNEL_OPTIONS)
+        return api.insecure_channel(self.target, CHANNEL_OPTIONS)
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Per-call metadata: the token, on a plaintext channel only."""
         if self.token and not self.tls:

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from .channel import CHANNEL_OPTIONS, RETRYABLE, Backoff, ChannelSettings
+from .channel import RETRYABLE, Backoff, ChannelSettings
 from .errors import DitserveError, from_rpc_error
 from .events import Accepted, Event, Result, event_from_proto
 from .labels import ClassNames
@@ -53,9 +53,7 @@ class Client:
         self.settings = ChannelSettings(target, tls, root_certificates, token)
         self.timeout = timeout
         self.backoff = Backoff(retries=retries)
-        creds = self.settings.credentials()
-        self._channel = (grpc.secure_channel(target, creds, CHANNEL_OPTIONS) if creds
-                         else grpc.insecure_channel(target, CHANNEL_OPTIONS))
+        self._channel = self.settings.open()
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self._info: ModelInfo | None = None
 
