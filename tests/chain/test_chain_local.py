@@ -8,6 +8,7 @@ import pytest
 import torch
 from ditserve.chain import ChainError, ErrorCode, check_chain
 from ditserve.chain.local import LocalChain
+from numerics import FORWARD_BF16_WIRE, FORWARD_FP32, assert_scaled_close
 
 
 def _inputs(config, n=3, seed=0):
@@ -30,7 +31,7 @@ def test_fp32_wire_equals_monolithic_forward(tiny_model, stages):
     x, t, y = _inputs(tiny_model.config)
     out = asyncio.run(_forward(LocalChain.from_model(tiny_model, stages, "fp32"), x, t, y))
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, tiny_model(x, t, y), rtol=0, atol=1e-5)
+    assert_scaled_close(out, tiny_model(x, t, y), FORWARD_FP32)
 
 
 def test_bf16_wire_from_checkpoint_within_tolerance(tiny_checkpoint, tiny_model):
@@ -40,7 +41,7 @@ def test_bf16_wire_from_checkpoint_within_tolerance(tiny_checkpoint, tiny_model)
     out = asyncio.run(_forward(chain, x, t, y))
     reference = tiny_model(x, t, y)
     assert not torch.equal(out, reference)  # the bf16 cast is really applied
-    torch.testing.assert_close(out, reference, rtol=0, atol=0.05)
+    assert_scaled_close(out, reference, FORWARD_BF16_WIRE)
 
 
 def test_bad_label_is_invalid_argument(tiny_model):

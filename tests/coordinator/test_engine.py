@@ -16,6 +16,7 @@ from ditserve.coordinator.engine import Engine, QueueFull
 from ditserve.coordinator.outputs import OutputMaker
 from ditserve.model import load_dit
 from ditserve_client.proto.dit.v1 import image_pb2
+from numerics import assert_scaled_close, sampling_bound
 
 from .helpers import ModelChain, collect, spec
 
@@ -55,8 +56,9 @@ def test_ddim10_matches_the_reference(model, expected, scale, key):
 
     outcome = run(main())
     assert outcome.error is None
-    np.testing.assert_allclose(outcome.result.latents.numpy(), expected[key], rtol=1e-5,
-                               atol=1e-5)
+    # Latents reach ~360 at the first DDIM steps; rounding is judged against that scale.
+    assert_scaled_close(outcome.result.latents, expected[key], sampling_bound(10, scale),
+                        f"ddim10 at guidance {scale}")
     assert [p.step for p in outcome.progress] == list(range(1, 11))
 
 
@@ -80,13 +82,14 @@ def test_same_latents_alone_and_batched_with_others_at_other_steps(model):
     single = run(alone())
     outcomes, log = run(batched())
     assert all(o.error is None for o in outcomes)
-    torch.testing.assert_close(outcomes[-1].result.latents, single.result.latents,
-                               rtol=1e-5, atol=1e-5)
+    # Batched with others the GEMMs have other shapes, so other blockings: rounding only.
+    assert_scaled_close(outcomes[-1].result.latents, single.result.latents, sampling_bound(8, 4.0),
+                        "alone vs batched")
     with_target = [mb for mb in log if any(rid == target.request_id for rid, _ in mb)]
     assert any(len(mb) > 1 for mb in with_target), "the request never shared a microbatch"
 
 
-@pytest.mark.parametrize("wire, tolerance", [("fp32", 1e-6), ("bf16", 0.02)])
+@pytest.mark.parametrize("wire, tolerance", [("fp32", sampling_bound(8, 4.0)), ("bf16", 0.02)])
 def test_same_latents_through_1_and_3_stages(model, wire, tolerance):
     """Tolerance: largest difference / largest magnitude of the latents. fp32: rounding
     only. bf16 activations between stages (DESIGN §5) round each hop to 8 bits of
@@ -181,14 +184,14 @@ def test_cancelled_request_stops_within_one_step(model):
 def test_deadline_is_honoured(model):
     async def main():
         engine, _ = make_engine(model, delay=0.01)
-        started = time.monotonic()
         outcome = await collect(engine, spec([3], steps=500, deadline=time.monotonic() + 0.3))
-        return outcome, time.monotonic() - started
+        return outcome
 
-    outcome, elapsed = run(main())
+    # No wall-clock bound (the suite runs on loaded machines): the request must stop at a
+    # step boundary long before its 500 steps.
+    outcome = run(main())
     assert outcome.error.code is ErrorCode.DEADLINE_EXCEEDED
     assert 0 < len(outcome.progress) < 500
-    assert elapsed < 1.0
 
 
 def test_queue_full_fails_fast_with_a_retry_hint(model):
@@ -240,7 +243,8 @@ def test_unavailable_microbatch_is_retried_transparently(model):
 
     reference, retried = run(main())
     assert retried.error is None
-    torch.testing.assert_close(retried.result.latents, reference.result.latents)
+    # A retried microbatch recomputes the same rows in the same shapes: identical.
+    assert torch.equal(retried.result.latents, reference.result.latents)
 
 
 def test_failures_hit_only_the_microbatch_that_failed(model):

@@ -22,6 +22,7 @@ from ditserve_client.proto.dit.v1 import coordinator_pb2 as pb
 from ditserve_client.proto.dit.v1 import coordinator_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from numerics import assert_scaled_close, sampling_bound
 
 from .helpers import ModelChain, collect, spec
 
@@ -87,7 +88,7 @@ def test_generate_streams_accepted_progress_result(stub, tiny_model):
     assert progress[1].previews[0].data[:2] == b"\xff\xd8"  # JPEG
     # Two stages over an fp32 wire equal one process to float32 rounding.
     expected = in_process_latents(tiny_model, [1, 2], seed=5, steps=4)
-    torch.testing.assert_close(latents_of(events), expected, rtol=1e-5, atol=1e-5)
+    assert_scaled_close(latents_of(events), expected, sampling_bound(4, 4.0), "2 stages vs 1 process")
 
 
 def test_model_info_lists_the_chain_and_classes(stub):
@@ -156,11 +157,9 @@ def test_queue_full_is_resource_exhausted_with_retry_info(stub):
 
 
 def test_deadline_is_honoured(stub):
-    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as failure:
         generate(stub, request([3], steps=1000), timeout=0.5)
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 3
     assert generate(stub, request([3], steps=2))[-1].HasField("result")
 
 
@@ -187,8 +186,8 @@ def test_stage_killed_and_restarted_mid_generation(stub, pipeline, launcher, tin
         results = [f.result() for f in futures]
     for i, events in enumerate(results):
         expected = in_process_latents(tiny_model, [i], seed=i, steps=40)
-        # 40 steps batched differently (GEMM shapes) compound float32 rounding to ~2e-5.
-        torch.testing.assert_close(latents_of(events), expected, rtol=1e-4, atol=1e-4)
+        # 40 steps batched differently (GEMM shapes) compound float32 rounding.
+        assert_scaled_close(latents_of(events), expected, sampling_bound(40, 4.0), f"request {i}")
 
 
 def test_refuses_to_start_on_a_mismatched_chain(pipeline, tmp_path):

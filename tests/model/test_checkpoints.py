@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 from ditserve.model import CheckpointError, convert, load_dit, open_checkpoint
+from numerics import FORWARD_FP32, assert_scaled_close
 from safetensors.torch import save_file
 
 
@@ -65,7 +66,7 @@ def test_official_raw_state_dict(official_pt, reference_config, expected):
     model = load_dit(official_pt)
     assert model.config == reference_config.__class__(**{**reference_config.__dict__,
                                                          "name": "DiT-Tiny/2"})
-    np.testing.assert_allclose(_outputs(model, expected), expected["forward"], atol=1e-5)
+    assert_scaled_close(_outputs(model, expected), expected["forward"], FORWARD_FP32)
 
 
 def test_official_training_checkpoint_uses_ema(tmp_path, reference_state, expected):
@@ -74,7 +75,7 @@ def test_official_training_checkpoint_uses_ema(tmp_path, reference_state, expect
     path = tmp_path / "0400000.pt"
     args = argparse.Namespace(model="DiT-Tiny/2", image_size=64)
     torch.save({"model": noise, "ema": reference_state, "opt": {}, "args": args}, path)
-    np.testing.assert_allclose(_outputs(load_dit(path), expected), expected["forward"], atol=1e-5)
+    assert_scaled_close(_outputs(load_dit(path), expected), expected["forward"], FORWARD_FP32)
 
 
 def test_diffusers_folder_equals_official(diffusers_pipeline, official_pt, expected):
@@ -115,7 +116,7 @@ def test_bad_checkpoints_say_what_is_wrong(tmp_path, make, message):
 def test_plain_safetensors_of_official_keys_loads(expected):
     reference = Path(__file__).resolve().parents[1] / "data" / "reference"
     model = load_dit(reference / "tiny_dit_official_keys.safetensors")
-    np.testing.assert_allclose(_outputs(model, expected), expected["forward"], atol=1e-5)
+    assert_scaled_close(_outputs(model, expected), expected["forward"], FORWARD_FP32)
 
 
 def test_wrong_model_name_is_refused(official_pt):

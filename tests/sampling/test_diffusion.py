@@ -13,6 +13,7 @@ from ditserve.sampling.diffusion import (
     normal_kl,
     space_timesteps,
 )
+from numerics import ELEMENTWISE_FP32, assert_scaled_close
 
 
 @pytest.mark.parametrize("n", [250, 50, 25, 10])
@@ -54,8 +55,7 @@ def test_ddpm250_step_matches_reference_and_definitions(expected):
     model_output = torch.from_numpy(expected["ddpm250_model_output"])
     out = diffusion.p_mean_variance(model_output, x, t)
     for name in ("mean", "log_variance", "pred_xstart"):
-        np.testing.assert_allclose(getattr(out, name).numpy(), expected[f"ddpm250_{name}"],
-                                   rtol=1e-5, atol=1e-5, err_msg=name)
+        assert_scaled_close(getattr(out, name), expected[f"ddpm250_{name}"], ELEMENTWISE_FP32, name)
     # The same in float64 from the definitions (Nichol & Dhariwal eqs. 10-15).
     s = {k: v[t.numpy()][:, None, None, None]
          for k, v in _independent_schedule(expected["respaced_timesteps_250"].tolist()).items()}
@@ -63,12 +63,10 @@ def test_ddpm250_step_matches_reference_and_definitions(expected):
         model_output[:, 4:].double().numpy()
     x0 = (x64 - np.sqrt(1 - s["abar"]) * eps) / np.sqrt(s["abar"])
     frac = (v + 1) / 2
-    np.testing.assert_allclose(out.pred_xstart.numpy(), x0, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(out.mean.numpy(), s["coef1"] * x0 + s["coef2"] * x64,
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(out.log_variance.numpy(),
-                               frac * np.log(s["beta"]) + (1 - frac) * s["min_log"],
-                               rtol=1e-5, atol=1e-5)
+    assert_scaled_close(out.pred_xstart, x0, ELEMENTWISE_FP32, "pred_xstart")
+    assert_scaled_close(out.mean, s["coef1"] * x0 + s["coef2"] * x64, ELEMENTWISE_FP32, "mean")
+    assert_scaled_close(out.log_variance, frac * np.log(s["beta"]) + (1 - frac) * s["min_log"],
+                        ELEMENTWISE_FP32, "log_variance")
 
 
 def test_spaced_diffusion_keeps_alphas_cumprod():
@@ -88,15 +86,16 @@ def test_q_sample_and_eps_xstart_round_trip():
     x0, noise = torch.randn((3, 4, 8, 8), generator=gen), torch.randn((3, 4, 8, 8), generator=gen)
     t = torch.tensor([0, 25, 49])
     x_t = diffusion.q_sample(x0, t, noise)
-    torch.testing.assert_close(diffusion.predict_xstart_from_eps(x_t, t, noise), x0,
-                               rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(diffusion.predict_eps_from_xstart(x_t, t, x0), noise,
-                               rtol=1e-4, atol=1e-4)
+    # Inverting q_sample at t = 49 (abar ~ 4e-5) divides by sqrt(abar): x_t's float32 rounding
+    # (u of |x_t| ~ 4) comes back ~160x larger, ~4e-5 absolute on x0 of scale ~3.
+    assert_scaled_close(diffusion.predict_xstart_from_eps(x_t, t, noise), x0, 1e-4, "x0")
+    assert_scaled_close(diffusion.predict_eps_from_xstart(x_t, t, x0), noise, 1e-4, "eps")
 
 
 def test_normal_kl_and_discretized_likelihood():
     m, lv = torch.randn(10), torch.randn(10)
-    torch.testing.assert_close(normal_kl(m, lv, m, lv), torch.zeros(10))
+    # Terms of size ~1 (-1 + exp(0) + ...) cancel: zero to a few float32 roundings.
+    assert normal_kl(m, lv, m, lv).abs().max().item() <= 1e-6
     # KL(N(1, 1) || N(0, 1)) = 1/2.
     assert normal_kl(torch.ones(1), torch.zeros(1), torch.zeros(1), torch.zeros(1)).item() == 0.5
     # The 256 bins of [-1, 1] hold (almost) all the probability.
@@ -121,8 +120,9 @@ def test_training_losses_hybrid_and_mean_detached_in_vb():
 
     terms = diffusion.training_losses(model_fn, x0, t, noise)
     assert seen[0].tolist() == [0, 1, 500, 999]
-    torch.testing.assert_close(terms["mse"], ((noise - out[:, :4]) ** 2).mean(dim=(1, 2, 3)))
-    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+    assert_scaled_close(terms["mse"].detach(), ((noise - out[:, :4]) ** 2).mean(dim=(1, 2, 3)),
+                        ELEMENTWISE_FP32, "mse")
+    assert_scaled_close(terms["loss"].detach(), terms["mse"] + terms["vb"], ELEMENTWISE_FP32, "loss")
     assert torch.isfinite(terms["vb"]).all() and (terms["vb"][1:] >= 0).all()
     (grad,) = torch.autograd.grad(terms["vb"].sum(), out)
     assert grad[:, :4].abs().max() == 0  # vb trains the variance only

@@ -25,11 +25,9 @@ from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numerics import FORWARD_BF16_WIRE, FORWARD_FP32, assert_scaled_close
 
 MAX_BATCH = 8
-BF16_ATOL = 0.05
-"""bf16 wire tolerance on the tiny model's output (|out| ~ 0.4): measured max abs error
-~0.01 for a 3-stage chain (two bf16 hops of h and c, ~3 significant digits each)."""
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +60,10 @@ async def _with_chain(address, work):
         await chain.close()
 
 
-@pytest.mark.parametrize(("stages", "wire", "atol"), [
-    (1, "fp32", 1e-5), (2, "fp32", 1e-5), (3, "fp32", 1e-5), (4, "fp32", 1e-5),
-    (3, "bf16", BF16_ATOL)])
-def test_chain_equals_monolithic_forward(chains, tiny_model, stages, wire, atol):
+@pytest.mark.parametrize(("stages", "wire", "bound"), [
+    (1, "fp32", FORWARD_FP32), (2, "fp32", FORWARD_FP32), (3, "fp32", FORWARD_FP32),
+    (4, "fp32", FORWARD_FP32), (3, "bf16", FORWARD_BF16_WIRE)])
+def test_chain_equals_monolithic_forward(chains, tiny_model, stages, wire, bound):
     address = chains(stages, wire)[0].address
     x, t, y = _inputs(tiny_model.config, 4, seed=stages)
 
@@ -75,9 +73,7 @@ def test_chain_equals_monolithic_forward(chains, tiny_model, stages, wire, atol)
     out = asyncio.run(_with_chain(address, work))
     reference = tiny_model(x, t, y)
     assert out.dtype == torch.float32 and out.shape == reference.shape
-    torch.testing.assert_close(out, reference, rtol=0, atol=atol)
-    if wire == "bf16":
-        print(f"bf16 wire, {stages} stages: max abs error {(out - reference).abs().max():.4g}")
+    assert_scaled_close(out, reference, bound, f"{stages} stages, {wire} wire")
 
 
 def test_32_microbatches_in_flight_come_back_matched_by_id(chains, tiny_model):
@@ -89,7 +85,7 @@ def test_32_microbatches_in_flight_come_back_matched_by_id(chains, tiny_model):
                                       for i, b in enumerate(batches)))
     results = asyncio.run(_with_chain(address, work))
     for (out, seconds), batch in zip(results, batches, strict=True):
-        torch.testing.assert_close(out, tiny_model(*batch), rtol=0, atol=1e-5)
+        assert_scaled_close(out, tiny_model(*batch), FORWARD_FP32)
         assert len(seconds) == 3 and all(s > 0 for s in seconds)
 
 
@@ -174,8 +170,7 @@ def test_malformed_microbatches_get_invalid_argument_and_others_carry_on(
     for i, kind in enumerate(kinds):
         assert len(replies[i]) == 1, kind
         assert _outcome(replies[i]) is ErrorCode.INVALID_ARGUMENT, kind
-    torch.testing.assert_close(_outcome(replies[1000])["out"], tiny_model(x, t, y),
-                               rtol=0, atol=1e-5)
+    assert_scaled_close(_outcome(replies[1000])["out"], tiny_model(x, t, y), FORWARD_FP32)
 
 
 def test_error_message_names_the_problem(chains):
@@ -199,7 +194,7 @@ def test_stage_serves_after_malformed_input(chains, tiny_model):
     address = chains(3)[0].address
     x, t, y = _inputs(tiny_model.config, 3, seed=11)
     out = asyncio.run(_with_chain(address, lambda chain: chain.forward(x, t, y)))
-    torch.testing.assert_close(out, tiny_model(x, t, y), rtol=0, atol=1e-5)
+    assert_scaled_close(out, tiny_model(x, t, y), FORWARD_FP32)
 
 
 # -- failures: a stage dies and comes back; graceful stop ------------------------------
@@ -234,7 +229,7 @@ def test_killed_middle_stage_fails_in_flight_then_chain_heals(chains, launcher, 
                     raise
                 await asyncio.sleep(0.2)
     out = asyncio.run(_with_chain(chain[0].address, until_healed))
-    torch.testing.assert_close(out, tiny_model(x, t, y), rtol=0, atol=1e-5)
+    assert_scaled_close(out, tiny_model(x, t, y), FORWARD_FP32)
 
 
 def test_sigterm_goes_not_serving_and_exits_zero(chains):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from ditserve.stage import StageRunner
 from ditserve.wire import WireError
+from numerics import FORWARD_BF16_WIRE, assert_scaled_close
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_first_stage_sends_wire_dtype_last_returns_fp32(first, last, tiny_model)
     assert all(t.dtype == torch.bfloat16 for _, t in outputs)
     (name, out), = last.compute(last.validate(dict(outputs)))
     assert name == "out" and out.dtype == torch.float32 and out.shape == (2, 8, 8, 8)
-    torch.testing.assert_close(out, tiny_model(**good), rtol=0, atol=0.05)  # bf16 wire
+    assert_scaled_close(out, tiny_model(**good), FORWARD_BF16_WIRE)  # bf16 wire
     assert first.describe().wire_dtype == "BF16" and first.max_payload_bytes() > 0
 
 
