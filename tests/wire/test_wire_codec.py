@@ -100,7 +100,7 @@ def _first(mb_id=1, datatype="FP32", shape=(2, 3), payload=None, chunk=b"", offs
     ([_first(chunk=b"\0" * 8), Request(microbatch_id=1, offset=12, chunk=b"\0" * 4)],
      "chunk at offset 12, expected 8"),
     ([Request(microbatch_id=5, chunk=b"\0")], "unknown id"),
-    ([_first(chunk=b"\0" * 8), _first(chunk=b"\0" * 8)], "duplicate id"),
+    ([_first(chunk=b"\0" * 8), _first(chunk=b"\0" * 8)], "id reused while that microbatch is in flight"),
 ])
 def test_malformed_frames_raise_wire_error_naming_the_problem(frames, words):
     assembler = FrameAssembler(max_payload_bytes=1 << 20)

@@ -2,7 +2,14 @@
 
 Forward reads frames, reassembles microbatches and hands each to its own task: validate,
 compute on the runner's thread, forward (h, c) to the next stage if there is one, and
-write the reply. A failure answers that microbatch in-stream and never ends the stream.
+write the reply. A failure answers that microbatch in-stream and never ends the stream,
+except a protocol violation (an id reused while in flight, bytes that are not frames),
+which ends it with INVALID_ARGUMENT.
+
+Abuse stays bounded: received bytes are charged to one budget across all streams (a
+microbatch that does not fit gets RESOURCE_EXHAUSTED), a microbatch whose bytes stop
+arriving is failed after `idle_timeout`, and streams take turns at the compute thread
+(fairness.py), so a flood on one stream cannot starve the coordinator's.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+import torch
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
 from ditserve.chain.base import ChainError, ErrorCode
@@ -20,10 +29,28 @@ from ditserve.chain.remote import StageClient, info_from_description
 from ditserve.common.errors import status_proto, to_grpc_status
 from ditserve.common.logs import log_event
 from ditserve.common.metrics import MICROBATCHES, WIRE_BYTES
-from ditserve.wire import FrameAssembler, Microbatch, WireError, encode_frames
+from ditserve.wire import (
+    ByteBudget,
+    FrameAssembler,
+    Microbatch,
+    WireError,
+    WireProtocolError,
+    encode_frames,
+)
 
 from . import metrics
+from .fairness import FairGate
 from .runner import StageRunner
+
+RECEIVE_BUDGET_MICROBATCHES = 16
+"""Receive buffers across all streams, in largest microbatches (max_batch_size rows)."""
+
+STREAM_SHARE_MICROBATCHES = 8
+"""What one stream may hold of them: the coordinator keeps one microbatch in flight per
+stage by default, so 8 is ample, and a flood on another stream leaves it the other half."""
+
+IDLE_TIMEOUT_S = 30.0
+"""A microbatch whose next chunk takes longer than this is failed and its bytes freed."""
 
 _END = object()  # sentinel: no more replies on this stream
 
@@ -31,10 +58,17 @@ _END = object()  # sentinel: no more replies on this stream
 class StageServicer(stage_pb2_grpc.StageServiceServicer):
     """One stage of the relay chain."""
 
-    def __init__(self, runner: StageRunner | None, next_hop: StageClient | None = None):
+    def __init__(self, runner: StageRunner | None, next_hop: StageClient | None = None,
+                 receive_budget_bytes: int | None = None, stream_share_bytes: int | None = None,
+                 idle_timeout: float = IDLE_TIMEOUT_S):
         self.runner: StageRunner | None = runner  # None while the weights load
         self.next_hop = next_hop
         self.serving = False
+        self.idle_timeout = idle_timeout
+        self._budget_bytes = receive_budget_bytes
+        self._share_bytes = stream_share_bytes
+        self._budget: ByteBudget | None = None
+        self.gate = FairGate()
 
     @property
     def name(self) -> str:
@@ -52,46 +86,86 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         runner = await self._require_runner(context)
         await context.send_initial_metadata(())  # tells the caller the stream is open
         replies: asyncio.Queue = asyncio.Queue()
-        reader = asyncio.create_task(self._read(runner, request_iterator, replies))
+        assembler = FrameAssembler(runner.max_payload_bytes(), budget=self._receive_budget(),
+                                   stream_limit_bytes=self._stream_share_bytes)
+        reader = asyncio.create_task(self._read(assembler, request_iterator, replies))
+        expiry = asyncio.create_task(self._expire(assembler, replies))
         try:
             while (frame := await replies.get()) is not _END:
                 yield frame
         finally:
             reader.cancel()
+            expiry.cancel()
+            assembler.close()
+        if (violation := reader.result()) is not None:
+            log_event("stream_refused", level=logging.WARNING, peer=context.peer(),
+                      message=violation)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation)
 
-    async def _read(self, runner: StageRunner, request_iterator: AsyncIterator[Any],
-                    replies: asyncio.Queue) -> None:
-        assembler = FrameAssembler(runner.max_payload_bytes())
+    @property
+    def _stream_share_bytes(self) -> int:
+        return self._share_bytes or STREAM_SHARE_MICROBATCHES * self.runner.max_payload_bytes()
+
+    def _receive_budget(self) -> ByteBudget:
+        if self._budget is None:
+            limit = self._budget_bytes or RECEIVE_BUDGET_MICROBATCHES * self.runner.max_payload_bytes()
+            self._budget = ByteBudget(limit)
+        return self._budget
+
+    async def _read(self, assembler: FrameAssembler, request_iterator: AsyncIterator[Any],
+                    replies: asyncio.Queue) -> str | None:
+        """Reads the stream to its end; returns why it must be refused, if it must."""
         tasks: set[asyncio.Task] = set()
+        stream = object()  # this stream's turn at the compute thread
+        violation = None
         try:
             async for frame in request_iterator:
                 try:
                     microbatch = assembler.add(frame)
+                except WireProtocolError as error:
+                    violation = str(error)
+                    break
                 except WireError as error:
                     self._reply_error(replies, error.microbatch_id or 0, error.to_chain_error())
                     continue
                 if microbatch is not None:
-                    task = asyncio.create_task(self._handle(microbatch, assembler, replies))
+                    task = asyncio.create_task(self._handle(microbatch, assembler, replies,
+                                                            stream))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-            for mb_id in assembler.pending_ids():
-                self._reply_error(replies, mb_id, ChainError(
-                    ErrorCode.INVALID_ARGUMENT, f"microbatch {mb_id}: stream ended before "
-                                                "its payload was complete"))
-            await asyncio.gather(*tasks)
+            else:
+                for mb_id in assembler.pending_ids():
+                    self._reply_error(replies, mb_id, ChainError(
+                        ErrorCode.INVALID_ARGUMENT, f"microbatch {mb_id}: stream ended before "
+                                                    "its payload was complete"))
+                await asyncio.gather(*tasks)
+        except grpc.RpcError:
+            pass  # the peer went away: nobody is left to answer
+        except Exception as error:  # e.g. bytes that do not parse as a ForwardRequest
+            violation = f"unreadable frame on the Forward stream: {error}"
         finally:
             for task in tasks:
                 task.cancel()
             replies.put_nowait(_END)
+        return violation
+
+    async def _expire(self, assembler: FrameAssembler, replies: asyncio.Queue) -> None:
+        """Fails microbatches whose bytes stopped arriving, so they free their buffers."""
+        while True:
+            await asyncio.sleep(min(5.0, self.idle_timeout / 2))
+            for mb_id in assembler.expire(self.idle_timeout):
+                self._reply_error(replies, mb_id, ChainError(
+                    ErrorCode.DEADLINE_EXCEEDED, f"microbatch {mb_id}: no payload bytes for "
+                                                 f"{self.idle_timeout:g} s; its buffer was freed"))
 
     async def _handle(self, microbatch: Microbatch, assembler: FrameAssembler,
-                      replies: asyncio.Queue) -> None:
+                      replies: asyncio.Queue, stream: object) -> None:
         started = time.perf_counter()
         request_ids = list(microbatch.first_frame.request_ids)
         WIRE_BYTES.labels("rx", "upstream").inc(microbatch.first_frame.payload_bytes)
         metrics.IN_FLIGHT.inc()
         try:
-            frames = await self._answer(microbatch, request_ids)
+            frames = await self._answer(microbatch, request_ids, stream, assembler)
             outcome = "ok"
         except ChainError as error:
             frames, outcome = [self._error_frame(microbatch.id, error)], error.code.value
@@ -105,18 +179,27 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         for frame in frames:
             replies.put_nowait(frame)
 
-    async def _answer(self, microbatch: Microbatch, request_ids: list[str]) -> list[Any]:
+    async def _answer(self, microbatch: Microbatch, request_ids: list[str],
+                      stream: object, assembler: FrameAssembler) -> list[Any]:
         """Validate, compute, forward: the frames of the reply (ChainError on failure)."""
         try:
             inputs = self.runner.validate(microbatch.tensors)
         except WireError as error:
             raise error.to_chain_error() from None
+        for name, tensor in inputs.items():  # a NaN would spread through every later block
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ChainError(ErrorCode.INVALID_ARGUMENT,
+                                 f"{self.name}: {name}: activations hold NaN or infinity")
         try:
-            outputs, seconds = await self.runner.submit(inputs)
+            async with self.gate.turn(stream):
+                outputs, seconds = await self.runner.submit(inputs)
         except Exception as error:  # a bug or a device failure: report, keep serving
             log_event("compute_failed", level=logging.ERROR, error=repr(error))
             raise ChainError(ErrorCode.INTERNAL, f"{self.name}: compute failed: {error}") from None
         metrics.COMPUTE_SECONDS.observe(seconds)
+        # The input is spent: free its bytes now, not after the rest of the chain answers.
+        microbatch.tensors, inputs = {}, None
+        assembler.release_bytes(microbatch.id)
         compute_seconds = [seconds]
         if self.next_hop is not None:
             reply, later = await self.next_hop.call(outputs, request_ids)

@@ -37,11 +37,26 @@ MAX_RANK = 8
 class WireError(ValueError):
     """A malformed tensor or frame; the peer gets INVALID_ARGUMENT with this message."""
 
+    code: ErrorCode = ErrorCode.INVALID_ARGUMENT
+    """The status the peer gets for that microbatch."""
     microbatch_id: int | None = None
     """The microbatch it concerns, when known (set by the FrameAssembler)."""
 
     def to_chain_error(self) -> ChainError:
-        return ChainError(ErrorCode.INVALID_ARGUMENT, str(self))
+        return ChainError(self.code, str(self))
+
+
+class WireOverload(WireError):
+    """A well-formed microbatch the receiver has no room for now: RESOURCE_EXHAUSTED, so
+    the sender can tell overload (retry later) from a malformed request (never retry)."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class WireProtocolError(WireError):
+    """The stream itself cannot be trusted (a microbatch id reused while in flight): the
+    receiver ends the stream with INVALID_ARGUMENT, since no reply could name the right
+    microbatch."""
 
 
 def wire_dtype(name: str) -> torch.dtype:

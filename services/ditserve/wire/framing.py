@@ -6,20 +6,23 @@ tensors' bytes concatenated in spec order, follows in `chunk`s at byte `offset`s
 of different microbatches may interleave. Chunking (DESIGN §5: ~2x faster than one big
 message, and it bounds memory) keeps every message far under the gRPC size limit.
 
-`FrameAssembler` rebuilds microbatches into a buffer preallocated from the first frame and
-validates strictly, raising WireError (→ INVALID_ARGUMENT for that microbatch only).
+`FrameAssembler` rebuilds microbatches and validates strictly, raising WireError
+(→ INVALID_ARGUMENT for that microbatch only; WireOverload → RESOURCE_EXHAUSTED). It
+holds the chunks as they arrive, charged to a process-wide ByteBudget, and copies them
+once into the tensors' buffer when the last arrives: an announced size reserves nothing.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .codec import WireError, check_spec, decode_tensor, encode_tensor
+from .codec import WireError, WireOverload, WireProtocolError, check_spec, decode_tensor, encode_tensor
 
 CHUNK_BYTES = 1 << 20
 """Payload bytes per frame."""
@@ -78,13 +81,39 @@ def _chunks(views: list[memoryview], chunk_bytes: int) -> list[bytes]:
     return chunks
 
 
-class _Pending:
-    """A microbatch whose chunks are still arriving."""
+class ByteBudget:
+    """Receive-buffer bytes a process may hold across all its streams.
 
-    def __init__(self, frame: Any, total: int):
+    Every chunk is charged as it arrives and given back when its microbatch is answered
+    or fails, so what a peer can make a stage hold is bounded by bytes it really sent,
+    never by sizes it merely announced."""
+
+    def __init__(self, limit: int):
+        if limit <= 0:
+            raise ValueError(f"byte budget must be positive, got {limit}")
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+class _Pending:
+    """A microbatch whose chunks are still arriving: the chunks themselves, joined once
+    when the last arrives (nothing is allocated up front from the announced size)."""
+
+    def __init__(self, frame: Any, total: int, now: float):
         self.first_frame = frame
-        self.buffer = bytearray(total)  # preallocated once, filled chunk by chunk
+        self.total = total
+        self.chunks: list[bytes] = []
         self.received = 0
+        self.last_progress = now
 
 
 class FrameAssembler:
@@ -93,14 +122,24 @@ class FrameAssembler:
     `add` returns a Microbatch when its last byte arrives. A WireError names the
     microbatch (`error.microbatch_id`); later frames of a failed microbatch are dropped
     silently, so one bad microbatch yields one error. Ids stay taken from their first
-    frame until `release(id)` (the reply was sent), so a duplicate id is rejected."""
+    frame until `release(id)` (the reply was sent): reusing one is a WireProtocolError.
+    Received bytes are charged to `budget` (shared by every stream of a process) and to
+    this stream's own share (`stream_limit_bytes`, so one stream cannot take the whole
+    budget) until `release_bytes`/`release`; a microbatch that does not fit fails with
+    WireOverload."""
 
     def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-                 max_in_flight: int = 1024):
+                 max_in_flight: int = 256, budget: ByteBudget | None = None,
+                 stream_limit_bytes: int | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.max_payload_bytes = max_payload_bytes
         self.max_in_flight = max_in_flight
+        self.budget = budget
+        self.stream_limit_bytes = stream_limit_bytes
+        self.held_bytes = 0
+        self._clock = clock
         self._pending: dict[int, _Pending] = {}
-        self._busy: set[int] = set()
+        self._busy: dict[int, int] = {}  # id → bytes still charged to the budget
         self._failed: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def add(self, frame: Any) -> Microbatch | None:
@@ -111,6 +150,9 @@ class FrameAssembler:
             elif mb_id in self._failed:
                 return None
             return self._append(frame)
+        except WireProtocolError as error:
+            error.microbatch_id = mb_id
+            raise  # the original keeps its id: its reply must stay unambiguous
         except WireError as error:
             self._fail(mb_id)
             error.microbatch_id = mb_id
@@ -119,9 +161,11 @@ class FrameAssembler:
     def _start(self, frame: Any) -> None:
         mb_id = frame.microbatch_id
         if mb_id in self._pending or mb_id in self._busy:
-            raise WireError(f"microbatch {mb_id}: duplicate id (already in flight)")
+            raise WireProtocolError(f"microbatch {mb_id}: id reused while that microbatch "
+                                    "is in flight")
         if len(self._pending) + len(self._busy) >= self.max_in_flight:
-            raise WireError(f"microbatch {mb_id}: more than {self.max_in_flight} in flight")
+            raise WireOverload(f"microbatch {mb_id}: more than {self.max_in_flight} "
+                               "microbatches in flight on this stream")
         total = sum(check_spec(s.name, s.datatype, s.shape) for s in frame.tensors)
         if total != frame.payload_bytes:
             raise WireError(f"microbatch {mb_id}: payload_bytes {frame.payload_bytes} but "
@@ -130,7 +174,7 @@ class FrameAssembler:
             raise WireError(f"microbatch {mb_id}: payload of {total} bytes exceeds the "
                             f"limit {self.max_payload_bytes}")
         self._failed.pop(mb_id, None)
-        self._pending[mb_id] = _Pending(frame, total)
+        self._pending[mb_id] = _Pending(frame, total, self._clock())
 
     def _append(self, frame: Any) -> Microbatch | None:
         mb_id = frame.microbatch_id
@@ -142,17 +186,26 @@ class FrameAssembler:
             raise WireError(f"microbatch {mb_id}: chunk at offset {frame.offset}, "
                             f"expected {pending.received}")
         end = pending.received + len(chunk)
-        if end > len(pending.buffer):
+        if end > pending.total:
             raise WireError(f"microbatch {mb_id}: {end} payload bytes, but the tensors "
-                            f"need {len(pending.buffer)}")
-        pending.buffer[pending.received:end] = chunk
-        pending.received = end
-        return self._finish(mb_id) if end == len(pending.buffer) else None
+                            f"need {pending.total}")
+        if chunk:
+            self._take(mb_id, len(chunk))
+            pending.chunks.append(chunk)
+            pending.received = end
+            pending.last_progress = self._clock()
+        return self._finish(mb_id) if end == pending.total else None
 
     def _finish(self, mb_id: int) -> Microbatch:
         pending = self._pending.pop(mb_id)
-        self._busy.add(mb_id)
-        view, start, tensors = memoryview(pending.buffer), 0, {}
+        self._busy[mb_id] = pending.received
+        buffer = bytearray(pending.total)  # the one copy of the payload
+        offset = 0
+        for chunk in pending.chunks:
+            buffer[offset:offset + len(chunk)] = chunk
+            offset += len(chunk)
+        pending.chunks.clear()
+        view, start, tensors = memoryview(buffer), 0, {}
         for spec in pending.first_frame.tensors:
             size = check_spec(spec.name, spec.datatype, spec.shape)
             tensors[spec.name] = decode_tensor(spec.datatype, spec.shape,
@@ -161,19 +214,63 @@ class FrameAssembler:
         return Microbatch(mb_id, tensors, pending.first_frame)
 
     def _fail(self, mb_id: int) -> None:
-        self._pending.pop(mb_id, None)
+        pending = self._pending.pop(mb_id, None)
+        if pending is not None:
+            self._give(pending.received)
         self._failed[mb_id] = None
         while len(self._failed) > self.max_in_flight:
             self._failed.popitem(last=False)
 
+    def _take(self, mb_id: int, size: int) -> None:
+        if self.stream_limit_bytes is not None and self.held_bytes + size > self.stream_limit_bytes:
+            raise WireOverload(f"microbatch {mb_id}: this stream already holds "
+                               f"{self.held_bytes} bytes, its share of the receive buffers "
+                               f"({self.stream_limit_bytes}); retry later")
+        if self.budget is not None and not self.budget.take(size):
+            raise WireOverload(f"microbatch {mb_id}: receive buffers full "
+                               f"({self.budget.used} of {self.budget.limit} bytes held "
+                               "across all streams); retry later")
+        self.held_bytes += size
+
+    def _give(self, size: int) -> None:
+        self.held_bytes -= size
+        if self.budget is not None:
+            self.budget.give(size)
+
+    def release_bytes(self, mb_id: int) -> None:
+        """The microbatch's input is no longer needed (computed): its bytes go back, its id
+        stays taken until `release`."""
+        if mb_id in self._busy:
+            self._give(self._busy[mb_id])
+            self._busy[mb_id] = 0
+
     def release(self, mb_id: int) -> None:
-        """The microbatch was answered: its id may be used again."""
-        self._busy.discard(mb_id)
-        self._pending.pop(mb_id, None)
+        """The microbatch was answered: its bytes go back and its id may be used again."""
+        self._give(self._busy.pop(mb_id, 0))
+        pending = self._pending.pop(mb_id, None)
+        if pending is not None:
+            self._give(pending.received)
+
+    def expire(self, idle_seconds: float) -> list[int]:
+        """Fails the microbatches that received no byte for `idle_seconds` (a peer that
+        announced a payload and went quiet) and returns their ids."""
+        now = self._clock()
+        stale = [mb_id for mb_id, p in self._pending.items()
+                 if now - p.last_progress > idle_seconds]
+        for mb_id in stale:
+            self._fail(mb_id)
+        return stale
 
     def pending_ids(self) -> list[int]:
         """Microbatches whose payload is incomplete (e.g. when the stream ends)."""
         return list(self._pending)
+
+    def close(self) -> None:
+        """The stream ended: give back every byte still charged."""
+        for mb_id in list(self._pending):
+            self._fail(mb_id)
+        for mb_id in list(self._busy):
+            self.release(mb_id)
 
 
 def _describe(specs: Sequence[Any]) -> str:
