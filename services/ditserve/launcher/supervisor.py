@@ -132,11 +132,14 @@ class ManagedService:
 
 def failure_cause(code: int, tail: list[str]) -> str:
     """One line: the exit code and the service's own last word (the CLI's one-line error,
-    or the last line of a traceback)."""
-    said = next((line.strip() for line in reversed(tail)
+    or the last line of a traceback). What Python prints while tearing down after the
+    failure ("Exception ignored in ...") is an echo, not the cause."""
+    echo = next((i for i, line in enumerate(tail) if line.startswith("Exception ignored in")),
+                len(tail))
+    said = next((line.strip() for line in reversed(tail[:echo])
                  if line.startswith("ditserve ") or line.split(":")[0].endswith(("Error",
                                                                                 "Exception"))),
-                tail[-1].strip() if tail else "")
+                tail[echo - 1].strip() if echo else "")
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
     return f"{how}: {said}" if said else how
 
