@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import sys
 
+from ditserve.common.process import failure_cause
 from ditserve.launcher.plan import ServiceSpec
-from ditserve.launcher.supervisor import RestartBackoff, Supervisor, failure_cause
+from ditserve.launcher.supervisor import RestartBackoff, Supervisor
 
 
 def _spec(name: str, code: str = "pass") -> ServiceSpec:
@@ -42,7 +43,7 @@ def test_a_service_killed_after_healthy_runs_restarts_after_one_second(tmp_path)
     service.start(clock())
     delays = []
     for _ in range(4):
-        service.process.wait()
+        service.process.proc.wait()
         clock.now += 30.0  # it ran 30 s before it died
         supervisor.supervise_once()  # notices the exit, schedules the restart
         delays.append(service.next_restart - clock.now)
@@ -61,8 +62,8 @@ def test_stop_all_with_services_never_started(tmp_path):
     running = supervisor.services[0]
     running.start(0.0)
     supervisor.stop_all()
-    assert running.process.returncode is not None
-    assert supervisor.services[1].process is None
+    assert running.process.exited() is not None
+    assert supervisor.services[1].process.proc is None
 
 
 def test_failure_cause_is_the_services_own_last_word():

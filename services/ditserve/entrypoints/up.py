@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ditserve.common.process import ServiceFailed
     from ditserve.config import PipelineConfig
-    from ditserve.launcher.supervisor import ServiceFailed
 
 HELP = "start every service (stages, decoder, coordinator) as its own process on loopback"
 
@@ -101,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
     import signal
 
     from ditserve.common.lifecycle import exit_process
+    from ditserve.common.process import Interrupted, ServiceFailed
     from ditserve.launcher import preflight
     from ditserve.launcher.plan import plan
-    from ditserve.launcher.supervisor import Interrupted, ServiceFailed, Supervisor
+    from ditserve.launcher.supervisor import Supervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # Check everything before starting anything:
