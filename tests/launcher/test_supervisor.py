@@ -76,3 +76,6 @@ def test_failure_cause_is_the_services_own_last_word():
     echo = ["OSError: the real cause", "Exception ignored in: <function Server.__del__>",
             "RuntimeError: Event loop is closed"]
     assert failure_cause(1, echo) == "exit code 1: OSError: the real cause"
+    quoting = ["ditserve up: decoder failed to start: exit code 1: OSError: bad VAE",
+               "  last lines of decoder.log:", "    OSError: bad VAE"]
+    assert failure_cause(2, quoting) == f"exit code 2: {quoting[0]}"

@@ -113,13 +113,15 @@ class Interrupted(Exception):
 def failure_cause(code: int, tail: list[str]) -> str:
     """One line: the exit code and the service's own last word (the CLI's one-line error,
     or the last line of a traceback). What Python prints while tearing down after the
-    failure ("Exception ignored in ...") is an echo, not the cause."""
+    failure ("Exception ignored in ...") is an echo, and indented lines quote others (a
+    traceback's frames, `ditserve up` quoting a service's log): not the cause."""
     echo = next((i for i, line in enumerate(tail) if line.startswith("Exception ignored in")),
                 len(tail))
-    said = next((line.strip() for line in reversed(tail[:echo])
+    own = [line for line in tail[:echo] if not line[:1].isspace()]  # indented: quoted
+    said = next((line.strip() for line in reversed(own)
                  if line.startswith("ditserve ") or line.split(":")[0].endswith(("Error",
                                                                                 "Exception"))),
-                tail[echo - 1].strip() if echo else "")
+                own[-1].strip() if own else "")
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
     return f"{how}: {said}" if said else how
 
