@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ditserve.bench.load import random_checkpoint, run_load
 from ditserve.chain.remote import RemoteChain
-from ditserve.coordinator.measure import random_checkpoint, run_load
 from ditserve.model import open_checkpoint
 
 
