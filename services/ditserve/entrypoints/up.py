@@ -115,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
     specs = plan(config, run_dir / "pipeline.yaml", args.metrics_port)
     preflight.check_ports(specs)
     _write_config(config, run_dir)
+    if args.host not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger("ditserve.up").warning(
+            "serving on %s: plaintext gRPC without authentication, reachable from other "
+            "hosts (the default, 127.0.0.1, is loopback only)", args.host)
     # Start, serve, stop:
     supervisor = Supervisor(specs, run_dir, args.start_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):

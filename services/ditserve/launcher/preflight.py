@@ -80,6 +80,7 @@ def check_ports(specs: list[ServiceSpec]) -> None:
             addresses.append((host_port(host, spec.metrics_port), "--metrics-port"))
         for address, flag in addresses:
             cause = bind_error(address)
+            if cause and "already in use" in cause:
+                cause += f" (choose other ports with {flag})"
             if cause:
-                raise PreflightError(f"{spec.name} cannot listen on {address}: {cause} "
-                                     f"(choose other ports with {flag})")
+                raise PreflightError(f"{spec.name} cannot listen on {address}: {cause}")
