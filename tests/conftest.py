@@ -26,18 +26,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ditserve.common import process as procs
 
 torch.set_num_threads(1)
 
@@ -46,9 +41,7 @@ STARTUP_TIMEOUT_S = 60.0
 
 def find_free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS may hand it out again later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return procs.free_port()
 
 
 @pytest.fixture
@@ -111,60 +104,29 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
     return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
 
 
-
-def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
-    """The grpc.health.v1 status of `service` at `address`, or None if unreachable."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError:
-            return None
-    return reply.status
-
-
-class ServiceProcess:
-    """A `ditserve` subcommand running as a child process, listening on `address`."""
+class ServiceProcess(procs.ServiceProcess):
+    """A `ditserve` subcommand (`args`) running as a child process, listening on `address`
+    (the one service-process helper, ditserve.common.process, with one compute thread)."""
 
     def __init__(self, name: str, args: Sequence[str], address: str, log_path: Path):
-        self.name, self.args, self.address, self.log_path = name, list(args), address, log_path
+        self.args = list(args)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, "-m", "ditserve.cli", *self.args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        super().__init__(name, procs.ditserve_argv(*self.args), address, log_path, env)
+        self.start()
 
     def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Polls health until SERVING; fails with the process log if it dies or times out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
-            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name} not SERVING after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        try:
+            self.wait_serving(timeout)
+        except procs.ServiceFailed as failed:
+            raise RuntimeError(f"{failed}:\n{self.log()[-4000:]}") from None
 
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM, then wait; returns the exit code (SIGKILL if it hangs)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        return super().terminate(timeout)
 
     def stop(self) -> None:
-        self.kill()
-        self._log.close()
+        self.close()
 
 
 class Launcher:
@@ -224,16 +186,7 @@ def launcher(tmp_path_factory) -> Iterator[Launcher]:
 
 def free_base_port(count: int = 4) -> int:
     """A port P with P..P+count-1 all free on loopback (`ditserve up --port P` uses them)."""
-    for _ in range(50):
-        base = find_free_port()
-        try:
-            for offset in range(count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no {count} consecutive free ports")
+    return procs.free_port_block(count)
 
 
 def descendants(pid: int) -> set[int]:
@@ -264,31 +217,33 @@ def is_alive(pid: int) -> bool:
 
 
 class UpCluster:
-    """`ditserve up ARGS --port P` as a subprocess; stdout and stderr merged."""
+    """`ditserve up ARGS --port P` as a subprocess (common/process.py); its output goes to
+    LOG_DIR/up-P.log, read line by line."""
 
     def __init__(self, args: Sequence[str], log_dir: Path, stages: int = 2):
         self.port = free_base_port(2 + stages)
         self.target = f"127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "ditserve.cli", "up", *args, "--port", str(self.port),
-                "--log-dir", str(log_dir)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self.lines: list[str] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+        argv = procs.ditserve_argv("up", *args, "--port", str(self.port),
+                                     "--log-dir", str(log_dir))
+        self.up = procs.ServiceProcess("ditserve up", argv, self.target,
+                                         log_dir / f"up-{self.port}.log",
+                                         {**os.environ, "OMP_NUM_THREADS": "1"}).start()
+        self.proc = self.up.proc
         self._seen = 0
-        # A thread drains the pipe: select() on a buffered text pipe misses lines already
-        # read into the buffer, and an undrained pipe would block the launcher.
-        threading.Thread(target=self._drain, daemon=True).start()
 
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
+    @property
+    def lines(self) -> list[str]:
+        """Its output so far, line by line (stdout and stderr together)."""
+        return self.up.log_path.read_text(errors="replace").splitlines(keepends=True)
 
     def read_until(self, needle: str, timeout: float) -> str:
         """Waits for an output line (after those already matched) holding `needle`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            while self._seen < len(self.lines):
-                line = self.lines[self._seen]
+            lines = self.lines
+            while self._seen < len(lines):
+                line = lines[self._seen]
                 self._seen += 1
                 if needle in line:
                     return line
@@ -304,12 +259,8 @@ class UpCluster:
     def stop(self) -> None:
         """SIGTERM (then SIGKILL), and SIGKILL any descendant still alive."""
         children = descendants(self.proc.pid)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        self.up.terminate(60)
+        self.up.close()
         for pid in children:
             if is_alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from ditserve.cli import main
 
-SCENARIOS = ("distribution", "throughput", "peer", "wire", "memory", "forward")
+SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "hop", "memory", "forward")
 
 
 def _bench(scenario: str, out_dir, *extra: str) -> dict:
@@ -63,6 +63,18 @@ def test_wire_bytes_match_theory_plus_conditioning(results):
     hop = results[0]["wire"]["summary"][0]
     # T=16, D=64: c adds D/(T·D) = 1/16 to the bf16 tokens
     assert hop["ratio"] == pytest.approx(1 + 1 / 16, rel=0.02)
+
+
+def test_hop_reports_overhead_without_the_blocks_compute(results):
+    (row,) = results[0]["hop"]["summary"]  # quick: 1 row of DiT-S/2 at latent 8
+    assert row["rows"] == 1 and row["overhead_ms"] > 0 and row["compute_ms"] > 0
+    assert len(results[0]["hop"]["samples"]["1 rows"]["overhead_s"]) == 2
+
+
+def test_load_reports_utilisation_per_stage_at_each_concurrency(results):
+    rows = results[0]["load"]["summary"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert all(len(r["utilisation"].split(" / ")) == 2 for r in rows)
 
 
 def test_memory_measures_each_stage_and_the_floor(results):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import find_free_port
 from ditserve.chain.base import ChainError, ErrorCode
 from ditserve.decoder.client import DecoderClient, latents_to_proto
 from ditserve.decoder.decoder import VaeDecoder
@@ -20,15 +20,9 @@ from PIL import Image
 from .conftest import random_latents
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(launcher, tiny_vae_dir):
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = find_free_port(), find_free_port()
     process = launcher.start("decoder", [
         "decoder", "--vae", str(tiny_vae_dir), "--listen", f"127.0.0.1:{port}",
         "--max-batch", "4", "--metrics-port", str(metrics_port)], f"127.0.0.1:{port}")

@@ -1,9 +1,12 @@
-"""Message size limits and keepalive, the same on every server and channel (DESIGN §5/§6).
+"""Message size limits, keepalive and port ownership, the same on every server and channel
+(DESIGN §5/§6).
 
 Limits are explicit so that a peer's misconfiguration fails loudly with RESOURCE_EXHAUSTED
 rather than at grpc's 4 MiB default. Keepalive pings detect a dead peer (a killed pod) in
 seconds instead of waiting for TCP; the server permits the client's ping rate so it does
-not answer GOAWAY "too_many_pings" (grpc/doc/keepalive.md).
+not answer GOAWAY "too_many_pings" (grpc/doc/keepalive.md). Servers own their port
+alone: gRPC turns SO_REUSEPORT on by default on Linux, which lets a second server bind the
+same port and silently take half of the connections.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def _common(max_message_bytes: int) -> list[tuple[str, int]]:
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """Options for `grpc.aio.server(options=...)`."""
     return [*_common(max_message_bytes),
+            # A port held by another server (even another ditserve) must fail the bind, not
+            # be shared with it.
+            ("grpc.so_reuseport", 0),
             # Accept the clients' pings (every KEEPALIVE_TIME_MS, even when idle).
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2)]

@@ -19,7 +19,7 @@ from ditserve_client.proto.dit.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 from ditserve.chain.base import ChainError, ErrorCode, StageChain, StageDescription
 from ditserve.chain.handshake import check_chain
-from ditserve.common.lifecycle import ServiceLifecycle
+from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
 from ditserve.config import PipelineConfig
 from ditserve.model import DiTConfig
@@ -149,7 +149,6 @@ def _closer(engine: Engine, chain: StageChain, decoder: Any):
 
 def run(options: CoordinatorOptions) -> int:
     try:
-        asyncio.run(serve(options))
+        run_service(serve(options))  # ends the process once stopped
     except StartupError as error:
         raise ValueError(str(error)) from None
-    return 0

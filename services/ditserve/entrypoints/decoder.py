@@ -67,13 +67,11 @@ def server_config(args: argparse.Namespace) -> DecoderServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-
+    from ditserve.common.lifecycle import run_service
     from ditserve.common.logs import configure_logging
     from ditserve.config import Environment
     from ditserve.decoder.server import serve
 
     config = server_config(args)
     configure_logging("decoder", args.log_level or Environment.read().log_level)
-    asyncio.run(serve(config))
-    return 0
+    run_service(serve(config))  # ends the process once stopped

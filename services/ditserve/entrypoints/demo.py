@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "start the local cluster on the demo model, generate a grid of every class, stop"
+START_TIMEOUT_S = 330.0
+"""Longer than `ditserve up`'s own --start-timeout (300 s), which then reports the cause."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,24 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-dir", default=".ditserve-logs")
 
 
-def _start_cluster(args: argparse.Namespace, port: int):
-    import subprocess
-    import sys
+def _start_cluster(args: argparse.Namespace):
+    """`ditserve up` on the demo model, on free loopback ports; its output goes to a log
+    file beside the run folders."""
+    from pathlib import Path
 
-    argv = [sys.executable, "-m", "ditserve.cli", "up", "--port", str(port),
-            "--stages", str(args.stages), "--log-dir", args.log_dir]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    from ditserve.common.process import ServiceProcess, ditserve_argv, free_port_block
 
-
-def _wait_ready(process) -> str:
-    """The coordinator address `ditserve up` prints once every service is healthy (it
-    exits instead if a service cannot start within its --start-timeout)."""
-    for line in process.stdout:
-        print(line, end="", flush=True)
-        if "coordinator at" in line:
-            return line.split("coordinator at")[1].split()[0]
-    raise RuntimeError(f"ditserve up exited with code {process.wait()} before it was ready "
-                       "(see its log directory)")
+    port = free_port_block(2 + args.stages)  # coordinator, decoder, stages
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    argv = ditserve_argv("up", "--port", str(port), "--stages", str(args.stages),
+                         "--log-dir", str(log_dir))
+    print(f"demo: starting the cluster on 127.0.0.1:{port} (log: {log_dir}/up-{port}.log)",
+          flush=True)
+    return ServiceProcess("ditserve up", argv, f"127.0.0.1:{port}",
+                          log_dir / f"up-{port}.log").start()
 
 
 def _generate(target: str, args: argparse.Namespace) -> tuple[list, int]:
@@ -69,23 +69,27 @@ def _generate(target: str, args: argparse.Namespace) -> tuple[list, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import signal
-    import socket
+    import sys
 
     from ditserve_client.grid import save_grid
 
+    from ditserve.common.process import ServiceFailed
+
     if args.per_class < 1:
         raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cluster = _start_cluster(args, port)
+    cluster = _start_cluster(args)
     try:
-        target = _wait_ready(cluster)
-        images, columns = _generate(target, args)
+        # The coordinator serves once every other service does; `up` exits (one line in
+        # its log) if one cannot start within its --start-timeout.
+        cluster.wait_serving(timeout=START_TIMEOUT_S)
+        images, columns = _generate(cluster.address, args)
         save_grid(images, args.out, columns=columns)
         print(f"demo: wrote {args.out}", flush=True)
+    except ServiceFailed as failure:
+        print(f"ditserve demo: the cluster did not start: {failure.cause}", file=sys.stderr)
+        print(f"  log: {failure.log_path}", file=sys.stderr)
+        return 2
     finally:
-        cluster.send_signal(signal.SIGTERM)
-        cluster.wait(timeout=60)
+        cluster.terminate(grace=60)
+        cluster.close()
     return 0

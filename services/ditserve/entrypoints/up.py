@@ -1,83 +1,148 @@
-"""`ditserve up`: the whole pipeline on this machine, one process per service."""
+"""`ditserve up`: the whole pipeline on this machine, one process per service.
+
+    # Check:    server extras installed; checkpoint, stage count, VAE and ports usable
+    # Run dir:  LOG_DIR/RUN (this run's pipeline.yaml and one log per service)
+    # Start:    stages and decoder together, then the coordinator, each waited healthy
+    # Serve:    restart what dies, until SIGINT/SIGTERM; then stop everything
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ditserve.common.process import ServiceFailed
+    from ditserve.config import PipelineConfig
 
 HELP = "start every service (stages, decoder, coordinator) as its own process on loopback"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="pipeline YAML (the same file as the k8s ConfigMap); "
-                                         "its addresses are moved to loopback")
+                                         "its addresses are moved to --host")
     parser.add_argument("--checkpoint", default="",
                         help="DiT checkpoint; default: the embedded demo model")
     parser.add_argument("--stages", type=int, default=2, help="number of stages (default 2)")
     parser.add_argument("--vae", default="", help="diffusers AutoencoderKL folder; default: "
                                                   "the embedded demo VAE")
     parser.add_argument("--no-decoder", action="store_true", help="serve latents only")
-    parser.add_argument("--wire-dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--wire-dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                        help="activation dtype between stages (default bf16)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface every service binds (default 127.0.0.1: loopback only; "
+                             "the services have no authentication)")
     parser.add_argument("--port", type=int, default=50050,
                         help="coordinator port; the decoder and stages take the next ones")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus /metrics of the coordinator on this port, the decoder "
+                             "and stages on the next ones (same offsets as --port)")
     parser.add_argument("--log-dir", default=".ditserve-logs",
-                        help="each service's log goes to LOG_DIR/NAME.log")
+                        help="each run gets its own folder in LOG_DIR with its pipeline.yaml "
+                             "and one NAME.log per service")
     parser.add_argument("--start-timeout", type=float, default=300.0,
-                        help="seconds each service may take to become healthy")
+                        help="seconds the services may take to become healthy")
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> PipelineConfig:
     from ditserve.config import load_config, local_config
     from ditserve.launcher.plan import localize
 
-    if not 1 <= args.port <= 65535 - 64:
-        raise ValueError(f"--port must be between 1 and {65535 - 64}, got {args.port}")
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if port is not None and not 1 <= port <= 65535 - 64:
+            raise ValueError(f"{flag} must be between 1 and {65535 - 64}, got {port}")
     if args.config:
         config = load_config(args.config)
     else:
         if args.stages < 1:
             raise ValueError(f"--stages must be at least 1, got {args.stages}")
         config = local_config(args.stages, args.port, args.checkpoint, args.wire_dtype, args.vae)
-    config = localize(config, args.port)
+    config = localize(config, args.port, args.host)
     if args.no_decoder:
         config.decoder.address = ""
     return config
 
 
-def _write_config(config, log_dir: str):
+def _run_dir(log_dir: str, port: int) -> Path:
+    """A folder of this run's own (the pid makes it unique): two runs from one folder never
+    share a config or logs."""
+    import os
+    import time
+
+    return Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-port{port}-pid{os.getpid()}"
+
+
+def _write_config(config: PipelineConfig, run_dir: Path) -> None:
     import dataclasses
-    from pathlib import Path
 
     import yaml
 
-    path = Path(log_dir) / "pipeline.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True)
+    path = run_dir / "pipeline.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    return path
+
+
+def _report_failure(failure: ServiceFailed) -> None:
+    """One line naming the service and the cause, then the end of its log."""
+    print(f"ditserve up: {failure}", file=sys.stderr)
+    print(f"  last lines of {failure.log_path}:", file=sys.stderr)
+    for line in failure.log_tail:
+        print(f"    {line}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ditserve.launcher.preflight import check_server_install
+
+    check_server_install()  # before importing anything that needs the server extras
+
     import logging
     import signal
-    import time
 
+    from ditserve.common.lifecycle import exit_process
+    from ditserve.common.process import Interrupted, ServiceFailed
+    from ditserve.launcher import preflight
     from ditserve.launcher.plan import plan
     from ditserve.launcher.supervisor import Supervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Check everything before starting anything:
     config = _config(args)
-    supervisor = Supervisor(plan(config, _write_config(config, args.log_dir)), args.log_dir,
-                            args.start_timeout)
-    stop = []
+    preflight.check_model(config)
+    preflight.check_vae(config)
+    run_dir = _run_dir(args.log_dir, args.port)
+    specs = plan(config, run_dir / "pipeline.yaml", args.metrics_port)
+    preflight.check_ports(specs)
+    _write_config(config, run_dir)
+    if args.host not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger("ditserve.up").warning(
+            "serving on %s: plaintext gRPC without authentication, reachable from other "
+            "hosts (the default, 127.0.0.1, is loopback only)", args.host)
+    # Start, serve, stop:
+    supervisor = Supervisor(specs, run_dir, args.start_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True))
+        signal.signal(sig, lambda *_: supervisor.stop_requested.set())
+    code = 0
     try:
+        print(f"ditserve up: logs in {run_dir}", flush=True)
         supervisor.start_all()
-        print(f"ditserve up: coordinator at {config.coordinator.address} "
-              f"({len(config.stages)} stages{', decoder' if config.decoder.address else ''}); "
-              "Ctrl-C stops", flush=True)
-        while not stop:
-            supervisor.supervise_once()
-            time.sleep(0.25)
+        _print_ready(config, specs)
+        supervisor.run_until_stopped()
+    except ServiceFailed as failure:
+        _report_failure(failure)
+        code = 2
+    except Interrupted:
+        pass
     finally:
         supervisor.stop_all()
-    return 0
+    exit_process(code)  # the health checks' gRPC teardown would delay the exit by ~2 s
+
+
+def _print_ready(config: PipelineConfig, specs: list) -> None:
+    if any(spec.metrics_port for spec in specs):
+        print("ditserve up: metrics " + ", ".join(
+            f"{spec.name} {spec.metrics_url()}" for spec in specs), flush=True)
+    print(f"ditserve up: coordinator at {config.coordinator.address} "
+          f"({len(config.stages)} stages{', decoder' if config.decoder.address else ''}); "
+          "Ctrl-C stops", flush=True)

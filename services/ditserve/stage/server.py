@@ -15,7 +15,7 @@ import torch
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
 from ditserve.chain.remote import StageClient
-from ditserve.common.lifecycle import ServiceLifecycle
+from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
 
 from .runner import StageRunner
@@ -98,5 +98,4 @@ def _closer(runner: StageRunner):
 
 
 def run(options: StageOptions) -> int:
-    asyncio.run(serve(options))
-    return 0
+    run_service(serve(options))  # ends the process once stopped

@@ -1,0 +1,81 @@
+"""The launcher's supervisor on its own: restart backoff that resets after a healthy run,
+and stopping services of which some never started (issue 11 §2)."""
+
+from __future__ import annotations
+
+import sys
+
+from ditserve.common.process import failure_cause
+from ditserve.launcher.plan import ServiceSpec
+from ditserve.launcher.supervisor import RestartBackoff, Supervisor
+
+
+def _spec(name: str, code: str = "pass") -> ServiceSpec:
+    return ServiceSpec(name, (sys.executable, "-c", code), "127.0.0.1:1", "127.0.0.1:1", 0)
+
+
+def test_backoff_doubles_while_a_service_keeps_crashing():
+    backoff = RestartBackoff(cap=30.0, reset_after=10.0)
+    assert [backoff.on_exit(ran_for=0.5) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_backoff_resets_after_a_healthy_run():
+    backoff = RestartBackoff(cap=30.0, reset_after=10.0)
+    assert [backoff.on_exit(ran_for=0.5) for _ in range(3)] == [1, 2, 4]
+    assert backoff.on_exit(ran_for=30.0) == 1
+    assert backoff.on_exit(ran_for=0.5) == 2
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_service_killed_after_healthy_runs_restarts_after_one_second(tmp_path):
+    """The issue's case: killed four times, each after 30 s of running: 1, 1, 1, 1 s
+    (it was 1, 2, 4, 8)."""
+    clock = _Clock()
+    supervisor = Supervisor([_spec("stage-0")], tmp_path, clock=clock)
+    service = supervisor.services[0]
+    service.start(clock())
+    delays = []
+    for _ in range(4):
+        service.process.proc.wait()
+        clock.now += 30.0  # it ran 30 s before it died
+        supervisor.supervise_once()  # notices the exit, schedules the restart
+        delays.append(service.next_restart - clock.now)
+        clock.now = service.next_restart
+        supervisor.supervise_once()  # restarts it
+        assert service.next_restart is None
+    supervisor.stop_all()
+    assert delays == [1.0, 1.0, 1.0, 1.0] and service.restarts == 4
+
+
+def test_stop_all_with_services_never_started(tmp_path):
+    """A start-up failure stops the services that did start; the others have no process
+    (this was `AttributeError: 'NoneType' object has no attribute 'send_signal'`)."""
+    supervisor = Supervisor([_spec("stage-1", "import time; time.sleep(60)"), _spec("stage-0")],
+                            tmp_path)
+    running = supervisor.services[0]
+    running.start(0.0)
+    supervisor.stop_all()
+    assert running.process.exited() is not None
+    assert supervisor.services[1].process.proc is None
+
+
+def test_failure_cause_is_the_services_own_last_word():
+    tail = ["ts=... event=listening", "Traceback (most recent call last):",
+            '  File "x.py", line 1', "OSError: VAE folder is broken"]
+    assert failure_cause(1, tail) == "exit code 1: OSError: VAE folder is broken"
+    assert failure_cause(2, ["ditserve decoder: no config.json"]) == (
+        "exit code 2: ditserve decoder: no config.json")
+    assert failure_cause(-9, []) == "killed by SIGKILL"
+    echo = ["OSError: the real cause", "Exception ignored in: <function Server.__del__>",
+            "RuntimeError: Event loop is closed"]
+    assert failure_cause(1, echo) == "exit code 1: OSError: the real cause"
+    quoting = ["ditserve up: decoder failed to start: exit code 1: OSError: bad VAE",
+               "  last lines of decoder.log:", "    OSError: bad VAE"]
+    assert failure_cause(2, quoting) == f"exit code 2: {quoting[0]}"
