@@ -88,13 +88,49 @@ def test_model_info(client, fake):
 
 @pytest.mark.parametrize("options, message", [
     ({"sampler": "euler"}, "unknown sampler"), ({"quality": 101}, "quality"),
-    ({"steps": -1}, "steps"), ({"image_format": "gif"}, "image format"),
-    ({"guidance": 0.5}, "guidance"), ({"seed": -1}, "seed"),
+    ({"quality": 0}, "quality"), ({"steps": -1}, "steps"), ({"steps": 0}, "steps"),
+    ({"image_format": "gif"}, "image format"), ({"guidance": 0.5}, "guidance"),
+    ({"guidance": 1e38}, "guidance"), ({"guidance": float("nan")}, "guidance"),
+    ({"guidance": float("inf")}, "guidance"), ({"preview_every": 0}, "preview_every"),
+    ({"seed": -1}, "seed"), ({"guidence": 4}, "unknown option 'guidence'"),
 ])
 def test_bad_options_fail_locally(client, fake, options, message):
     with pytest.raises(ValueError, match=message):
         client.generate_result([1], **options)
     assert fake.generate_calls == 0
+
+
+def test_unset_options_leave_the_server_defaults(client, fake):
+    client.generate_result([1])
+    request = fake.requests[0]
+    assert request.sampler == coordinator_pb2.SAMPLER_UNSPECIFIED
+    assert request.guidance_channels == coordinator_pb2.GUIDANCE_CHANNELS_UNSPECIFIED
+    assert request.image_format == 0 and request.image_quality == 0  # IMAGE_FORMAT_UNSPECIFIED
+    assert request.num_steps == 0 and request.preview_every == 0
+    assert not request.HasField("guidance_scale") and not request.HasField("seed")
+
+
+def test_largest_guidance_is_sent(client, fake):
+    client.generate_result([1], guidance=1e4)
+    assert fake.requests[0].guidance_scale == 1e4
+
+
+def test_retries_are_the_channels_service_config(coordinator):
+    """Retries come from a gRPC retryPolicy on the channel (shared by both clients), not
+    from a loop in the client: the policy is in the service config it opens with."""
+    import json
+
+    from ditserve_client import AsyncClient
+
+    with Client(coordinator.address, retries=2) as client:
+        options = dict(client.settings.options())
+    config = json.loads(options["grpc.service_config"])
+    policy = config["methodConfig"][0]["retryPolicy"]
+    assert config["methodConfig"][0]["name"] == [{"service": "dit.v1.CoordinatorService"}]
+    assert policy["maxAttempts"] == 3 and policy["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert not hasattr(Client, "_wait_or_raise") and not hasattr(AsyncClient, "_wait_or_raise")
+    with pytest.raises(ValueError, match=r"retries must be 0\.\.4"):
+        Client(coordinator.address, retries=5)
 
 
 def test_generate_retries_unavailable_before_any_event(client, fake):
@@ -157,6 +193,8 @@ def test_token_travels_as_bearer_metadata(coordinator, fake):
 def test_bad_target_is_rejected():
     with pytest.raises(ValueError, match="HOST:PORT"):
         Client("localhost")
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1:99999: port 99999 is outside 1\.\.65535"):
+        Client("127.0.0.1:99999")
 
 
 def test_tls_with_token(tmp_path):

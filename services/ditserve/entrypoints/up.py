@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", default="", help="diffusers AutoencoderKL folder; default: "
                                                   "the embedded demo VAE")
     parser.add_argument("--no-decoder", action="store_true", help="serve latents only")
-    parser.add_argument("--wire-dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--wire-dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                        help="activation dtype between stages (default bf16)")
     parser.add_argument("--port", type=int, default=50050,
                         help="coordinator port; the decoder and stages take the next ones")
     parser.add_argument("--log-dir", default=".ditserve-logs",
