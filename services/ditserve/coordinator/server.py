@@ -4,6 +4,7 @@
     # Handshake:           describe + check_chain, retried while stages start up;
     #                      a mismatch (FAILED_PRECONDITION) refuses to start
     # Connect the decoder: DecoderClient when an address is configured
+    # Fit previews:        the approximate previews' latent→RGB map, to the served VAE
     # Serve:               Engine + CoordinatorServicer under the shared lifecycle
 """
 
@@ -23,6 +24,7 @@ from ditserve.common.lifecycle import ServiceLifecycle
 from ditserve.common.logs import log_event
 from ditserve.config import PipelineConfig
 from ditserve.model import DiTConfig
+from ditserve.sampling.previews import LatentRgbMap
 
 from .engine import Engine
 from .model_info import ModelInfo
@@ -109,7 +111,9 @@ async def serve(options: CoordinatorOptions) -> None:
         raise
     model = DiTConfig.from_json(stages[0].model_config_json)
     decoder = connect_decoder(options.decoder)
-    engine = Engine(chain, model, options.config.coordinator, len(stages), OutputMaker(decoder))
+    previews = await asyncio.to_thread(fit_previews, options.config.decoder.vae)
+    engine = Engine(chain, model, options.config.coordinator, len(stages),
+                    OutputMaker(decoder, previews))
     info = ModelInfo(model, chain, options.config.coordinator, options.config.model.class_names,
                      _is_demo(options, stages[0]), has_decoder=decoder is not None)
     lifecycle = ServiceLifecycle("coordinator", options.listen, [SERVICE_NAME],
@@ -121,6 +125,26 @@ async def serve(options: CoordinatorOptions) -> None:
     log_event("chain_ready", stages=len(stages), model=model.name, decoder=options.decoder)
     await lifecycle.set_serving()
     await lifecycle.wait_for_termination()
+
+
+def fit_previews(vae: str) -> LatentRgbMap | None:
+    """The latent→RGB map of the served VAE (empty: the demo VAE); None (SD 1.x's map)
+    when this process cannot read the VAE's folder."""
+    from ditserve.sampling.previews import load_preview_map
+
+    if not vae:
+        try:
+            from ditserve.demo import DEMO_VAE_PATH
+        except ImportError:
+            return None
+        vae = str(DEMO_VAE_PATH)
+    if not (Path(vae) / "config.json").is_file():
+        log_event("previews_unfitted", vae=vae, reason="no VAE folder here; SD 1.x's map")
+        return None
+    started = time.perf_counter()
+    preview_map = load_preview_map(vae)
+    log_event("previews_fitted", vae=vae, seconds=round(time.perf_counter() - started, 2))
+    return preview_map
 
 
 def _is_demo(options: CoordinatorOptions, stage0: StageDescription) -> bool:
