@@ -4,7 +4,9 @@ who dialed a stage or the decoder that they need the coordinator.
 Every ditserve server registers reflection (grpc.reflection.v1alpha). The client keeps its
 dependencies to grpcio and protobuf, so the two messages it needs are declared here from
 their descriptors (reflection.proto, fields `list_services` = 7, `list_services_response` =
-6, `service` = 1, `name` = 1) rather than importing grpcio-reflection.
+6, `service` = 1, `name` = 1) rather than importing grpcio-reflection. There the request's
+`list_services` lives in a oneof, which this declaration leaves out: it sends "*" (the
+server ignores the content) so that the field is on the wire.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _call(channel: Any) -> Any:
 def list_services(channel: grpc.Channel, timeout: float = 5.0) -> list[str]:
     """The services `channel`'s server offers (empty when it has no reflection)."""
     try:
-        for response in _call(channel)(iter([Request(list_services="")]), timeout=timeout):
+        for response in _call(channel)(iter([Request(list_services="*")]), timeout=timeout):
             return [s.name for s in response.list_services_response.service]
     except grpc.RpcError:
         pass
@@ -66,7 +68,7 @@ def list_services(channel: grpc.Channel, timeout: float = 5.0) -> list[str]:
 async def list_services_async(channel: grpc.aio.Channel, timeout: float = 5.0) -> list[str]:
     """`list_services` on an asyncio channel."""
     try:
-        async for response in _call(channel)(iter([Request(list_services="")]),
+        async for response in _call(channel)(iter([Request(list_services="*")]),
                                              timeout=timeout):
             return [s.name for s in response.list_services_response.service]
     except grpc.RpcError:

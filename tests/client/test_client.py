@@ -215,3 +215,28 @@ def test_tls_with_token(tmp_path):
             plaintext.model_info()
     finally:
         server.stop(grace=None)
+
+
+def test_a_stage_address_is_named_by_reflection():
+    """UNIMPLEMENTED from a server that is not the coordinator: what it serves instead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    stage_pb2_grpc.add_StageServiceServicer_to_server(stage_pb2_grpc.StageServiceServicer(),
+                                                      server)
+    name = stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name
+    reflection.enable_server_reflection([name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10) as client, \
+                pytest.raises(DitserveError) as err:
+            client.generate_result([1])
+        assert err.value.code == "UNIMPLEMENTED"
+        assert f"127.0.0.1:{port} serves dit.v1.StageService (a pipeline stage)" in str(err.value)
+        assert "needs the coordinator" in str(err.value)
+    finally:
+        server.stop(grace=None)
