@@ -109,3 +109,20 @@ def test_the_client_only_install_writes_a_grid_of_several(clean_python, coordina
     grid = Image.open(tmp_path / "g.png")
     assert grid.format == "PNG"
     assert (grid.getpixel((2, 2))[0], grid.getpixel((grid.width - 3, 2))[0]) == (0, 1)
+
+
+def test_pyproject_builds_without_deprecation_warnings(tmp_path):
+    """setuptools reads pyproject.toml as `pip install .` does, warning about nothing
+    (a license table printed "project.license as a TOML table is deprecated")."""
+    probe = ("import sys, warnings\n"
+             "from setuptools.dist import Distribution\n"
+             "from setuptools.config.pyprojecttoml import apply_configuration\n"
+             "with warnings.catch_warnings(record=True) as caught:\n"
+             "    warnings.simplefilter('always')\n"
+             "    dist = apply_configuration(Distribution(), 'pyproject.toml')\n"
+             "print(dist.metadata.license_expression)\n"
+             "print([str(w.message).splitlines()[0] for w in caught])\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["Apache-2.0", "[]"], done.stdout
