@@ -104,6 +104,8 @@ def connect_decoder(address: str) -> Any | None:
 async def serve(options: CoordinatorOptions) -> None:
     chain = build_chain(options)
     wire = None if options.local_checkpoint else options.config.wire_dtype
+    # The preview fit (seconds: it loads the VAE) overlaps the wait for the stages.
+    previews = asyncio.ensure_future(asyncio.to_thread(fit_previews, options.config.decoder.vae))
     try:
         stages = await handshake(chain, wire, options.startup_timeout)
     except BaseException:
@@ -111,9 +113,8 @@ async def serve(options: CoordinatorOptions) -> None:
         raise
     model = DiTConfig.from_json(stages[0].model_config_json)
     decoder = connect_decoder(options.decoder)
-    previews = await asyncio.to_thread(fit_previews, options.config.decoder.vae)
     engine = Engine(chain, model, options.config.coordinator, len(stages),
-                    OutputMaker(decoder, previews))
+                    OutputMaker(decoder, await previews))
     info = ModelInfo(model, chain, options.config.coordinator, options.config.model.class_names,
                      _is_demo(options, stages[0]), has_decoder=decoder is not None)
     lifecycle = ServiceLifecycle("coordinator", options.listen, [SERVICE_NAME],
@@ -142,7 +143,11 @@ def fit_previews(vae: str) -> LatentRgbMap | None:
         log_event("previews_unfitted", vae=vae, reason="no VAE folder here; SD 1.x's map")
         return None
     started = time.perf_counter()
-    preview_map = load_preview_map(vae)
+    try:
+        preview_map = load_preview_map(vae)
+    except Exception as error:  # a preview map is a nicety: never a reason not to serve
+        log_event("previews_unfitted", vae=vae, reason=f"{type(error).__name__}: {error}")
+        return None
     log_event("previews_fitted", vae=vae, seconds=round(time.perf_counter() - started, 2))
     return preview_map
 

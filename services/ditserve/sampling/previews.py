@@ -92,18 +92,19 @@ def fit_to_vae(vae: Any, samples: int = FIT_SAMPLES, side: int = FIT_SIDE,
                seed: int = 0) -> LatentRgbMap:
     """The map of a diffusers AutoencoderKL, from `samples` decoded random latents.
 
-    Half the latents are white noise, half are smooth (noise at a quarter of the side,
-    upsampled): generated images are mostly smooth regions, which noise alone
-    under-represents. Both have unit variance, the scale of the DiT's (scaled) latents."""
+    The latents are smooth noise (drawn at a quarter and at half the side, upsampled), at
+    unit variance, the scale of the DiT's (scaled) latents: images are mostly smooth
+    regions, and on the demo VAE a fit to white noise misses real images' colours by a
+    third more (per-cell error 33 vs 25 of 255; a fit to real latents: 22)."""
     generator = torch.Generator().manual_seed(seed)
     channels = int(vae.config.latent_channels)
     scale = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-    noise = torch.randn((samples // 2, channels, side, side), generator=generator)
-    coarse = torch.randn((samples - samples // 2, channels, max(1, side // 4),
-                          max(1, side // 4)), generator=generator)
-    smooth = F.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
-    smooth = smooth / smooth.std()
-    latents = torch.cat([noise, smooth])  # (samples, C, side, side), scaled
+    coarse = [max(1, side // 4), max(1, side // 2)]
+    parts = [torch.randn((count, channels, size, size), generator=generator)
+             for count, size in zip((samples // 2, samples - samples // 2), coarse, strict=True)]
+    latents = torch.cat([F.interpolate(part, size=(side, side), mode="bilinear",
+                                       align_corners=False) for part in parts])
+    latents = latents / latents.std()  # (samples, C, side, side), scaled
     parameter = next(vae.parameters())
     images = vae.decode(latents.to(parameter.device, parameter.dtype) / scale).sample
     return LatentRgbMap.fit(latents, images.float().cpu().clamp(-1, 1))
