@@ -89,3 +89,31 @@ def test_the_coordinator_fits_the_served_vae():
     assert demo is not None and demo.channels == 4 and demo.upscale == 8
     assert not torch.allclose(demo.factors, LatentRgbMap.sd15().factors, atol=0.05)
     assert fit_previews("/nonexistent/vae") is None  # not readable here: SD 1.x's map
+
+
+def test_the_coordinators_previews_wait_for_the_fit_and_use_it():
+    """Serving starts while the map is fit; the first approximate previews await it."""
+    import asyncio
+    import io
+    from types import SimpleNamespace
+
+    from ditserve.coordinator.outputs import OutputMaker
+    from PIL import Image
+
+    red = LatentRgbMap(torch.zeros((4, 3)), torch.tensor([1.0, -1.0, -1.0]))  # all red
+    request = SimpleNamespace(step=1, spec=SimpleNamespace(preview="approximate",
+                                                           preview_every=1, labels=(3,)))
+
+    async def scenario():
+        fit = asyncio.get_running_loop().create_future()
+        outputs = OutputMaker(None, fit)
+        pending = asyncio.ensure_future(outputs.previews_due(request, torch.zeros(1, 4, 2, 2)))
+        await asyncio.sleep(0.01)
+        waited = not pending.done()
+        fit.set_result(red)
+        return waited, await pending
+
+    waited, (image,) = asyncio.run(scenario())
+    pixel = Image.open(io.BytesIO(image.data)).convert("RGB").getpixel((5, 5))
+    assert waited and image.class_label == 3 and image.width == 16
+    assert pixel[0] > 200 and pixel[1] < 50 and pixel[2] < 50  # the fitted map's red (JPEG)

@@ -29,11 +29,13 @@ PREVIEW_QUALITY = 75
 
 class OutputMaker:
     """Previews and images of requests; `decoder` is a DecoderClient or None, `preview_map`
-    the served VAE's latent→RGB map (default: SD 1.x's)."""
+    the served VAE's latent→RGB map, or a future of it while it is being fit (None: SD
+    1.x's map)."""
 
-    def __init__(self, decoder: Any | None, preview_map: LatentRgbMap | None = None):
+    def __init__(self, decoder: Any | None,
+                 preview_map: LatentRgbMap | Awaitable[LatentRgbMap | None] | None = None):
         self.decoder = decoder
-        self.preview_map = preview_map or LatentRgbMap.sd15()
+        self._preview_map = preview_map
 
     @property
     def has_decoder(self) -> bool:
@@ -46,8 +48,15 @@ class OutputMaker:
         if spec.preview == "none" or request.step % spec.preview_every:
             return None
         if spec.preview == "approximate":
-            return _ready(approximate_previews(pred_x0, spec.labels, self.preview_map))
+            return self._approximate_previews(pred_x0, spec.labels)
         return self._decoded_previews(pred_x0, request)
+
+    async def _approximate_previews(self, pred_x0: torch.Tensor,
+                                    labels: tuple[int, ...]) -> list[Any]:
+        """Waits for the map's fit only the first time (requests in the first seconds)."""
+        if inspect.isawaitable(self._preview_map):
+            self._preview_map = await self._preview_map
+        return approximate_previews(pred_x0, labels, self._preview_map or LatentRgbMap.sd15())
 
     async def _decoded_previews(self, pred_x0: torch.Tensor, request: RequestState) -> list[Any]:
         """VAE-decoded previews; a failure costs the preview, not the request."""
@@ -72,10 +81,6 @@ class OutputMaker:
         if inspect.iscoroutinefunction(call):
             return list(await call(*args))
         return list(await asyncio.to_thread(call, *args))
-
-
-async def _ready(value: Any) -> Any:
-    return value
 
 
 def approximate_previews(pred_x0: torch.Tensor, labels: tuple[int, ...],

@@ -104,7 +104,8 @@ def connect_decoder(address: str) -> Any | None:
 async def serve(options: CoordinatorOptions) -> None:
     chain = build_chain(options)
     wire = None if options.local_checkpoint else options.config.wire_dtype
-    # The preview fit (seconds: it loads the VAE) overlaps the wait for the stages.
+    # The preview fit (seconds: it loads the VAE) runs beside the handshake and serving;
+    # only the first approximate previews wait for it.
     previews = asyncio.ensure_future(asyncio.to_thread(fit_previews, options.config.decoder.vae))
     try:
         stages = await handshake(chain, wire, options.startup_timeout)
@@ -114,7 +115,7 @@ async def serve(options: CoordinatorOptions) -> None:
     model = DiTConfig.from_json(stages[0].model_config_json)
     decoder = connect_decoder(options.decoder)
     engine = Engine(chain, model, options.config.coordinator, len(stages),
-                    OutputMaker(decoder, await previews))
+                    OutputMaker(decoder, previews))
     info = ModelInfo(model, chain, options.config.coordinator, options.config.model.class_names,
                      _is_demo(options, stages[0]), has_decoder=decoder is not None)
     lifecycle = ServiceLifecycle("coordinator", options.listen, [SERVICE_NAME],
