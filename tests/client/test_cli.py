@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+from conftest import find_free_port  # the shared tests/conftest.py
 from ditserve.cli import main
 from ditserve_client.grid import CAPTION_HEIGHT, PADDING
 from ditserve_client.progress import ProgressBar
@@ -168,10 +169,11 @@ def test_unknown_class_is_one_line_exit_2(coordinator, fake, tmp_path, capsys):
 
 
 def test_unreachable_server_is_one_line_exit_2(capsys, tmp_path):
-    code = main(["generate", "--target", "127.0.0.1:1", "--class", "1", "--timeout", "5",
+    target = f"127.0.0.1:{find_free_port()}"  # nothing listens (port 1 may, for root)
+    code = main(["generate", "--target", target, "--class", "1", "--timeout", "5",
                  "--out", str(tmp_path / "o.png")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "UNAVAILABLE" in err and "127.0.0.1:1" in err
+    assert code == 2 and err.count("\n") == 1 and "UNAVAILABLE" in err and target in err
 
 
 def test_info(coordinator, fake, capsys):

@@ -6,6 +6,7 @@ import subprocess
 
 import grpc
 import pytest
+from conftest import find_free_port  # the shared tests/conftest.py
 from ditserve_client import (
     Accepted,
     Client,
@@ -178,10 +179,25 @@ def test_invalid_argument_is_not_retried(client, fake):
 
 
 def test_unreachable_server_is_unavailable():
-    with Client("127.0.0.1:1", retries=1, timeout=5) as client, \
-            pytest.raises(DitserveError) as err:
+    target = f"127.0.0.1:{find_free_port()}"  # nothing listens (port 1 may, for root)
+    with Client(target, retries=1, timeout=5) as client, pytest.raises(DitserveError) as err:
         client.model_info()
-    assert err.value.code == "UNAVAILABLE" and "127.0.0.1:1" in err.value.message
+    assert err.value.code == "UNAVAILABLE" and target in err.value.message
+
+
+def test_a_silent_server_names_the_target_in_its_deadline_error():
+    """A port that accepts connections but never speaks HTTP/2: the deadline passes."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        target = f"127.0.0.1:{listener.getsockname()[1]}"
+        with Client(target, retries=0, timeout=1) as client, \
+                pytest.raises(DitserveError) as err:
+            client.model_info()
+    assert err.value.code == "DEADLINE_EXCEEDED"
+    assert f"no answer from {target} within the deadline" in err.value.message
 
 
 def test_token_travels_as_bearer_metadata(coordinator, fake):

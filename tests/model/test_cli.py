@@ -45,5 +45,6 @@ def test_a_text_file_is_one_line_naming_it_and_the_formats(tmp_path):
         done = _ditserve(*argv)
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
-        assert f"{notes}: not a DiT checkpoint; accepted: an official .pt" in done.stderr
+        assert f"{notes}: not a loadable torch checkpoint" in done.stderr
+        assert "accepted: an official .pt" in done.stderr
         assert "diffusers DiT folder" in done.stderr and ".safetensors" in done.stderr
