@@ -18,6 +18,8 @@ from functools import cache
 from importlib import resources
 
 IMAGENET_NUM_CLASSES = 1000
+FEW_CLASSES = 20
+"""Models with at most this many classes list them all when a name is unknown."""
 
 
 class UnknownClassError(ValueError):
@@ -111,6 +113,9 @@ class ClassNames:
         key, known = _key(name), {**self._synonyms, **self._folded}
         close = difflib.get_close_matches(key, list(known), n=5, cutoff=0.6)
         close += [k for k in self._folded if key in k and k not in close][: 5 - len(close)]
+        if not close and len(self.names) <= FEW_CLASSES:  # a small model: say what it knows
+            known_names = ", ".join(f"{n!r} ({i})" for i, n in enumerate(self.names))
+            return f"unknown class name {name!r}; this model's classes: {known_names}"
         if not close:
             return f"unknown class name {name!r} (no close match; give a class id)"
         hints = ", ".join(f"{self.names[known[k][0]]!r} ({known[k][0]})" for k in close)

@@ -71,6 +71,13 @@ def test_server_reported_imagenet_names_keep_their_synonyms():
     assert classes.resolve("tabby cat") == 281
 
 
+def test_a_small_model_lists_its_classes_for_an_unknown_name():
+    demo = ClassNames(["red circle", "blue square"], 2)
+    with pytest.raises(UnknownClassError, match=r"unknown class name 'tabby cat'; this model's "
+                                                r"classes: 'red circle' \(0\), 'blue square' \(1\)"):
+        demo.resolve("tabby cat")
+
+
 def test_models_without_names_take_ids_only():
     classes = ClassNames.for_model([], 10)
     assert classes.resolve_all([3, "9"]) == [3, 9] and classes.name(3) == "3"
