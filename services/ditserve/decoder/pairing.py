@@ -82,7 +82,7 @@ def dit_latent_space(checkpoint: str | Path) -> LatentSpace:
 
     channels = open_checkpoint(checkpoint).config.in_channels
     return LatentSpace(channels, SD_SCALING_FACTOR,
-                       "Stable Diffusion's VAE (the official DiT convention)")
+                       "Stable Diffusion's VAE, the official DiT checkpoints' convention")
 
 
 def check_pairing(checkpoint: str | Path, vae: str | Path) -> None:
