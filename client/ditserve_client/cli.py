@@ -1,7 +1,7 @@
 """`ditserve generate` and `ditserve info`: the client side of the command line.
 
 Wired into the `ditserve` command by ditserve.entrypoints.generate / .info; needs only
-this package (and Pillow for grids), never torch. User errors surface as
+this package and its base dependencies (grpcio, protobuf, Pillow), never torch. User errors surface as
 `USER_ERRORS`, which the `ditserve` command prints as one line with exit status 2.
 """
 
