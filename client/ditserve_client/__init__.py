@@ -2,8 +2,11 @@
 
     from ditserve_client import Client
     with Client("127.0.0.1:50050") as client:
-        result = client.generate_result(["golden retriever"], seed=0, sampler="ddim")
-        result.images[0].save("dog.png")
+        result = client.generate_result(["red circle"], seed=0, sampler="ddim")  # demo model
+        result.images[0].save("circle.png")
+
+Options left out (sampler, steps, guidance, ...) take the server's defaults; a call that
+fails UNAVAILABLE before the server answered is retried by the channel's retry policy.
 """
 
 from .aio import AsyncClient

@@ -1,13 +1,15 @@
 """`ditserve generate` and `ditserve info`: the client side of the command line.
 
 Wired into the `ditserve` command by ditserve.entrypoints.generate / .info; needs only
-this package (and Pillow for grids), never torch. User errors surface as
+this package and its base dependencies (grpcio, protobuf, Pillow), never torch. User errors surface as
 `USER_ERRORS`, which the `ditserve` command prints as one line with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,17 +22,20 @@ from .grid import PillowMissingError, save_grid
 from .model_info import ModelInfo
 from .npy import write_npy
 from .progress import ProgressBar
-from .request import IMAGE_FORMATS
+from .request import MAX_GUIDANCE
 
 DEFAULT_TARGET = "127.0.0.1:50050"
 USER_ERRORS = (DitserveError, PillowMissingError, ValueError, OSError)
 """Failures the CLI reports in one line: the server's, a missing Pillow, bad input, I/O."""
+OUT_FORMATS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
+"""--out's extension → the image format asked of the server."""
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection")
     group.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT",
-                       help=f"the coordinator (default {DEFAULT_TARGET})")
+                       help=f"the coordinator, as `ditserve up` prints it (default "
+                       f"{DEFAULT_TARGET})")
     group.add_argument("--timeout", type=float, default=None, metavar="S",
                        help="deadline of each call in seconds (default: none)")
     group.add_argument("--tls", action="store_true", help="connect with TLS")
@@ -40,71 +45,117 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def connect(args: argparse.Namespace) -> Client:
+    """A client for the connection flags (the target is checked here, before any call)."""
     return Client(args.target, tls=args.tls, root_certificates=read_certificates(args.ca),
                   token=args.token, timeout=args.timeout, retries=3)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 is never a hidden "default" on the command line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class", dest="classes", action="append", required=True,
-                        metavar="ID|NAME", help='class id or name ("207", "golden retriever"); '
-                        "repeat for several images")
+                        metavar="ID|NAME", help='class id or name ("0", "red circle" on the '
+                        'demo model; "207", "golden retriever" on ImageNet); repeat for '
+                        "several images")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: random)")
-    parser.add_argument("--steps", type=int, default=0, help="steps (0: the sampler's default)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="denoising steps (default: the sampler's)")
     parser.add_argument("--sampler", default=None, choices=["ddpm", "ddim", "dpm-solver++"],
                         help="sampler (default: the server's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (1: none)")
-    parser.add_argument("--guidance-channels", default="first3", choices=["first3", "all"])
+    parser.add_argument("--guidance", type=float, default=None,
+                        help=f"classifier-free guidance scale, 1 (none) to {MAX_GUIDANCE:g} "
+                        "(default: the server's)")
+    parser.add_argument("--guidance-channels", default=None, choices=["first3", "all"],
+                        help="latent channels guidance applies to (default: the server's, "
+                        "first3 as the reference)")
     parser.add_argument("--out", default=None, metavar="FILE",
-                        help="the image, or a grid of several (default out.png)")
+                        help="the image, or a captioned grid of several; .png, .jpg, .jpeg or "
+                        ".webp (default out.png)")
     parser.add_argument("--out-dir", default=None, metavar="DIR", help="each image singly")
     parser.add_argument("--format", default=None, choices=["png", "jpeg", "webp"],
-                        help="image format (default: from --out's extension, else png)")
-    parser.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality 1..100")
+                        help="image format (default: --out's extension, else png)")
+    parser.add_argument("--quality", type=int, default=None, metavar="Q",
+                        help="JPEG/WebP quality 1..100 (default: the server's, 90)")
     parser.add_argument("--latents-out", default=None, metavar="FILE.npy",
                         help="save the final latents, float32 (n, C, L, L)")
     parser.add_argument("--no-images", action="store_true",
                         help="skip decoding (with --latents-out)")
     parser.add_argument("--preview-dir", default=None, metavar="DIR",
-                        help="write previews as step_XXXX.png")
-    parser.add_argument("--preview-every", type=int, default=1, metavar="K")
+                        help="write previews as DIR/step_XXXX.EXT, in the format the server "
+                        "sends (ditserve sends JPEG: .jpg); several images make a grid")
+    parser.add_argument("--preview-every", type=positive_int, default=None, metavar="K",
+                        help="a preview every K steps (default 1)")
     parser.add_argument("--previews", default="approximate", choices=["approximate", "decoded"],
-                        help="preview kind with --preview-dir")
-    parser.add_argument("--request-id", default="", metavar="ID")
+                        help="preview kind with --preview-dir: a linear map of the latents "
+                        "(cheap) or VAE-decoded (default approximate)")
+    parser.add_argument("--request-id", default="", metavar="ID",
+                        help="id of the request in the server's logs (default: the server's)")
     add_connection_arguments(parser)
 
 
 def _image_format(args: argparse.Namespace) -> str:
-    if args.format:
-        return args.format
-    suffix = Path(args.out).suffix.lstrip(".").lower() if args.out else ""
-    return "jpeg" if suffix == "jpg" else suffix if suffix in IMAGE_FORMATS else "png"
+    """The format of the result images: --out's extension decides, else --format, else png."""
+    if args.out:
+        suffix = Path(args.out).suffix.lstrip(".").lower()
+        if suffix not in OUT_FORMATS:
+            raise ValueError(f"--out {args.out}: unknown image extension "
+                             f"{'.' + suffix if suffix else '(none)'}; use "
+                             f"{', '.join('.' + s for s in OUT_FORMATS)}")
+        if args.format and args.format != OUT_FORMATS[suffix]:
+            raise ValueError(f"--format {args.format} does not match --out {args.out}")
+        return OUT_FORMATS[suffix]
+    return args.format or "png"
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Fails before generating when the outputs asked for cannot be written."""
+def _check_writable(path: str, what: str) -> None:
+    """Fails now, not after the generation, when `path` cannot be written."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    if not folder.is_dir():
+        raise ValueError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+            target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{what} {path}: not writable")
+
+
+def _check_outputs(args: argparse.Namespace) -> str:
+    """Fails before generating when the outputs cannot be written; the image format."""
     if args.no_images and not args.latents_out:
         raise ValueError("--no-images needs --latents-out (nothing would be saved)")
-    if len(args.classes) > 1 and args.out and not args.no_images:
-        from .grid import require_pillow
-
-        require_pillow()  # a grid needs Pillow: fail now rather than after generating
+    if args.latents_out:
+        _check_writable(args.latents_out, "--latents-out")
+    image_format = _image_format(args)
+    if args.out and not args.no_images:
+        _check_writable(args.out, "--out")
     for folder in (args.out_dir, args.preview_dir):
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
+    return image_format
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """One request; a progress bar on stderr; images, latents and previews written."""
     if not args.out and not args.out_dir:
         args.out = "out.png"
-    _check_outputs(args)
+    image_format = _check_outputs(args)
     bar = ProgressBar()
     with connect(args) as client:
         events = client.generate(
             args.classes, seed=args.seed, steps=args.steps, sampler=args.sampler,
             guidance=args.guidance, guidance_channels=args.guidance_channels,
             previews=args.previews if args.preview_dir else None,
-            preview_every=args.preview_every, image_format=_image_format(args),
+            preview_every=args.preview_every, image_format=image_format,
             quality=args.quality, return_latents=bool(args.latents_out),
             skip_images=args.no_images, request_id=args.request_id)
         for event in events:
@@ -116,26 +167,22 @@ def run_generate(args: argparse.Namespace) -> int:
                 _write_previews(args.preview_dir, event)
             elif isinstance(event, Result):
                 bar.finish()
-                _write_result(args, event)
+                _write_result(args, event, client)
     return 0
 
 
 def _write_previews(folder: str | None, event: Progress) -> None:
     if not folder or not event.previews:
         return
-    stem = Path(folder) / f"step_{event.step:04d}"
+    path = Path(folder) / f"step_{event.step:04d}.{event.previews[0].extension}"
     if len(event.previews) == 1:
-        event.previews[0].save(stem.with_suffix("." + event.previews[0].extension))
-        return
-    try:
-        save_grid(event.previews, stem.with_suffix(".png"))
-    except PillowMissingError:  # no grid without Pillow: one file per image
-        for i, image in enumerate(event.previews):
-            image.save(f"{stem}_{i}.{image.extension}")
+        event.previews[0].save(path)
+    else:
+        save_grid(event.previews, path)
 
 
-def _write_result(args: argparse.Namespace, result: Result) -> None:
-    written = _write_images(args, result.images)
+def _write_result(args: argparse.Namespace, result: Result, client: Client) -> None:
+    written = _write_images(args, result.images, client)
     if args.latents_out:
         if result.latents is None:
             raise DitserveError("INTERNAL", "the server returned no latents")
@@ -145,15 +192,18 @@ def _write_result(args: argparse.Namespace, result: Result) -> None:
           f"denoising {t.denoising:.2f}s, decoding {t.decoding:.2f}s)")
 
 
-def _write_images(args: argparse.Namespace, images: Sequence[EncodedImage]) -> list[str]:
+def _write_images(args: argparse.Namespace, images: Sequence[EncodedImage],
+                  client: Client) -> list[str]:
     written: list[str] = []
     if not images:
         return written
     if args.out:
         if len(images) == 1:
             images[0].save(args.out)
-        else:
-            save_grid(images, args.out, quality=args.quality or 90)
+        else:  # a grid, each image captioned with its class's name
+            classes = client.model_info().classes
+            save_grid(images, args.out, quality=args.quality or 90,
+                      captions=[classes.name(image.label) for image in images])
         written.append(args.out)
     if args.out_dir:
         for i, image in enumerate(images):
@@ -195,15 +245,29 @@ def format_info(info: ModelInfo, first_names: int = 5) -> str:
     return "\n".join(lines)
 
 
+def parse_with_subcommand_errors(parser: argparse.ArgumentParser,
+                                 argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that an unknown option is reported by the subcommand's parser
+    (its usage, and the closest option it has), not the top-level one."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub: argparse.ArgumentParser = getattr(args, "parser", parser)
+        options = [o for action in sub._actions for o in action.option_strings]
+        close = difflib.get_close_matches(extra[0].split("=")[0], options, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m ditserve_client.cli generate|info ...` (the same as `ditserve ...`)."""
     parser = argparse.ArgumentParser(prog="ditserve-client")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_generate_arguments(gen := commands.add_parser("generate"))
-    gen.set_defaults(run=run_generate)
-    add_info_arguments(info := commands.add_parser("info"))
-    info.set_defaults(run=run_info)
-    args = parser.parse_args(argv)
+    add_generate_arguments(gen := commands.add_parser("generate", help="generate images"))
+    gen.set_defaults(run=run_generate, parser=gen)
+    add_info_arguments(info := commands.add_parser("info", help="describe the served model"))
+    info.set_defaults(run=run_info, parser=info)
+    args = parse_with_subcommand_errors(parser, argv)
     try:
         return args.run(args)
     except USER_ERRORS as error:

@@ -1,31 +1,32 @@
 """The synchronous client of the coordinator (CoordinatorService).
 
     with Client("127.0.0.1:50050") as client:
-        for event in client.generate(["golden retriever", 88], seed=0, sampler="ddim"):
+        for event in client.generate(["red circle", 1], seed=0, sampler="ddim"):
             if isinstance(event, Progress):
                 print(event.step, "/", event.total)
-        result = client.generate_result([207], seed=0)
-        result.images[0].save("dog.png")
+        result = client.generate_result([0], seed=0)
+        result.images[0].save("circle.png")
 
-Retries on UNAVAILABLE only where repeating is safe: GetModelInfo always; Generate only
-while no event has arrived (the server has not admitted the request yet).
+Retries on UNAVAILABLE are the channel's (channel.py): GetModelInfo always, Generate only
+while no event has arrived (the server has not admitted the request yet). Request
+building and event decoding are shared with the asyncio client (request.py).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
 
-from .channel import RETRYABLE, Backoff, ChannelSettings
+from .channel import ChannelSettings, RetryPolicy
 from .errors import DitserveError, from_rpc_error
-from .events import Accepted, Event, Result, event_from_proto
+from .events import Event, Result
 from .labels import ClassNames
 from .model_info import ModelInfo
 from .proto.dit.v1 import coordinator_pb2, coordinator_pb2_grpc
-from .request import GenerateOptions
+from .reflection import list_services, not_the_coordinator
+from .request import EventReader, GenerateOptions
 
 Label = int | str
 
@@ -50,10 +51,10 @@ class Client:
 
     def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
                  token: str | None = None, timeout: float | None = None, retries: int = 3):
-        self.settings = ChannelSettings(target, tls, root_certificates, token)
+        self.settings = ChannelSettings(target, tls, root_certificates, token,
+                                        RetryPolicy(retries))
         self.timeout = timeout
-        self.backoff = Backoff(retries=retries)
-        self._channel = self.settings.open()
+        self._channel = self.settings.open(grpc)
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self._info: ModelInfo | None = None
 
@@ -67,62 +68,48 @@ class Client:
         self.close()
 
     def model_info(self, *, refresh: bool = False) -> ModelInfo:
-        """The served model, classes, samplers and chain (cached; retried on UNAVAILABLE)."""
+        """The served model, classes, samplers and chain (cached)."""
         if self._info is None or refresh:
-            request = coordinator_pb2.GetModelInfoRequest()
-            for attempt in range(self.backoff.retries + 1):
-                try:
-                    response = self._stub.GetModelInfo(
-                        request, timeout=self.timeout, metadata=self.settings.metadata())
-                    break
-                except grpc.RpcError as error:
-                    self._wait_or_raise(error, attempt)
+            try:
+                response = self._stub.GetModelInfo(coordinator_pb2.GetModelInfoRequest(),
+                                                   timeout=self.timeout,
+                                                   metadata=self.settings.metadata())
+            except grpc.RpcError as error:
+                raise self._error(error) from None
             self._info = ModelInfo.from_proto(response)
         return self._info
 
     def class_ids(self, labels: Sequence[Label]) -> list[int]:
-        """Ids and names (any case) → class ids; names need GetModelInfo once."""
+        """Ids and names (any case, any ImageNet synonym) → class ids; names need
+        GetModelInfo once."""
         classes = self.model_info().classes if needs_names(labels) else ClassNames()
         return classes.resolve_all(labels)
 
-    def generate(self, class_labels_or_names: Sequence[Label], *, seed: int | None = None,
-                 steps: int = 0, sampler: str | None = "ddpm", guidance: float | None = None,
-                 guidance_channels: str = "first3", previews: str | None = None,
-                 preview_every: int = 1, image_format: str = "png", quality: int = 0,
-                 return_latents: bool = False, skip_images: bool = False,
-                 request_id: str = "") -> Iterator[Event]:
-        """One request, one image per label: yields Accepted, Progress per step, Result."""
-        options = GenerateOptions(seed, steps, sampler, guidance, guidance_channels, previews,
-                                  preview_every, image_format, quality, return_latents,
-                                  skip_images, request_id)
-        request = options.to_proto(self.class_ids(class_labels_or_names))
-        for attempt in range(self.backoff.retries + 1):
-            started = False
-            call = self._stub.Generate(request, timeout=self.timeout,
-                                       metadata=self.settings.metadata())
-            try:
-                accepted_id = request.request_id
-                for message in call:
-                    started = True
-                    event = event_from_proto(message, accepted_id)
-                    if isinstance(event, Accepted):
-                        accepted_id = event.request_id
-                    yield event
-                return
-            except grpc.RpcError as error:
-                if started:
-                    raise from_rpc_error(error, self.settings.target) from None
-                self._wait_or_raise(error, attempt)
-            finally:
-                call.cancel()  # the caller stopped early: free the server's slot
+    def generate(self, class_labels_or_names: Sequence[Label], **options: Any) -> Iterator[Event]:
+        """One request, one image per label: yields Accepted, Progress per step, Result.
+        Options are GenerateOptions' fields (seed, steps, sampler, guidance, ...); unset
+        ones take the server's defaults."""
+        request = GenerateOptions.from_keywords(options).to_proto(
+            self.class_ids(class_labels_or_names))
+        call = self._stub.Generate(request, timeout=self.timeout,
+                                   metadata=self.settings.metadata())
+        reader = EventReader(request)
+        try:
+            for message in call:
+                yield reader.read(message)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        finally:
+            call.cancel()  # the caller stopped early: free the server's slot
 
     def generate_result(self, class_labels_or_names: Sequence[Label], **options: Any) -> Result:
         """`generate` run to its end: the Result (same options)."""
         return final_result(self.generate(class_labels_or_names, **options))
 
-    def _wait_or_raise(self, error: grpc.RpcError, attempt: int) -> None:
-        """Sleeps before a retry of an UNAVAILABLE call, or raises DitserveError."""
-        mapped = from_rpc_error(error, self.settings.target)
-        if error.code() is not RETRYABLE or attempt >= self.backoff.retries:
-            raise mapped from None
-        time.sleep(self.backoff.delay(attempt, mapped.retry_after))
+    def _error(self, error: grpc.RpcError) -> DitserveError:
+        """The DitserveError of a failed call; UNIMPLEMENTED says what the target serves."""
+        if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+            services = list_services(self._channel)
+            return DitserveError("UNIMPLEMENTED",
+                                 not_the_coordinator(self.settings.target, services))
+        return from_rpc_error(error, self.settings.target)

@@ -53,4 +53,6 @@ def from_rpc_error(error: grpc.RpcError, target: str = "") -> DitserveError:
     message = (error.details() if callable(getattr(error, "details", None)) else "") or ""
     if code is grpc.StatusCode.UNAVAILABLE and target:
         message = f"server {target} unavailable: {message}"
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED and target:
+        message = f"no answer from {target} within the deadline ({message})"
     return DitserveError(code.name, message, _retry_delay(_trailers(error)))

@@ -32,8 +32,11 @@ class CommandError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ditserve import __version__
+
     parser = argparse.ArgumentParser(prog="ditserve", description=(
         "Pipeline-parallel inference for Diffusion Transformers over gRPC."))
+    parser.add_argument("--version", action="version", version=f"ditserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         try:
@@ -44,12 +47,14 @@ def _parser() -> argparse.ArgumentParser:
             continue  # not built yet
         sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, parser=sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from ditserve_client.cli import parse_with_subcommand_errors
+
+    args = parse_with_subcommand_errors(_parser(), argv)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

@@ -33,10 +33,10 @@ IMAGE_SIDE = 16
 LATENT_SHAPE = (4, 2, 2)
 
 
-def png_bytes(label: int, side: int = IMAGE_SIDE) -> bytes:
-    """A solid-colour PNG, its colour derived from the label."""
+def png_bytes(label: int, side: int = IMAGE_SIDE, fmt: str = "PNG") -> bytes:
+    """A solid-colour image (PNG unless `fmt` says), its colour derived from the label."""
     buffer = io.BytesIO()
-    Image.new("RGB", (side, side), (label % 256, 40, 200)).save(buffer, format="PNG")
+    Image.new("RGB", (side, side), (label % 256, 40, 200)).save(buffer, format=fmt)
     return buffer.getvalue()
 
 
@@ -115,9 +115,10 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                             elapsed_seconds=0.1 * step,
                                             eta_seconds=0.1 * (steps - step))
         every = request.preview_every or 1
-        if request.preview_mode and step % every == 0:
+        if request.preview_mode and step % every == 0:  # JPEG, as ditserve sends them
             progress.previews.extend(
-                image_pb2.Image(data=png_bytes(label, 8), format=image_pb2.IMAGE_FORMAT_PNG,
+                image_pb2.Image(data=png_bytes(label, 8, "JPEG"),
+                                format=image_pb2.IMAGE_FORMAT_JPEG,
                                 width=8, height=8, class_label=label)
                 for label in request.class_labels)
         return progress

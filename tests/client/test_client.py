@@ -6,6 +6,7 @@ import subprocess
 
 import grpc
 import pytest
+from conftest import find_free_port  # the shared tests/conftest.py
 from ditserve_client import (
     Accepted,
     Client,
@@ -88,13 +89,49 @@ def test_model_info(client, fake):
 
 @pytest.mark.parametrize("options, message", [
     ({"sampler": "euler"}, "unknown sampler"), ({"quality": 101}, "quality"),
-    ({"steps": -1}, "steps"), ({"image_format": "gif"}, "image format"),
-    ({"guidance": 0.5}, "guidance"), ({"seed": -1}, "seed"),
+    ({"quality": 0}, "quality"), ({"steps": -1}, "steps"), ({"steps": 0}, "steps"),
+    ({"image_format": "gif"}, "image format"), ({"guidance": 0.5}, "guidance"),
+    ({"guidance": 1e38}, "guidance"), ({"guidance": float("nan")}, "guidance"),
+    ({"guidance": float("inf")}, "guidance"), ({"preview_every": 0}, "preview_every"),
+    ({"seed": -1}, "seed"), ({"guidence": 4}, "unknown option 'guidence'"),
 ])
 def test_bad_options_fail_locally(client, fake, options, message):
     with pytest.raises(ValueError, match=message):
         client.generate_result([1], **options)
     assert fake.generate_calls == 0
+
+
+def test_unset_options_leave_the_server_defaults(client, fake):
+    client.generate_result([1])
+    request = fake.requests[0]
+    assert request.sampler == coordinator_pb2.SAMPLER_UNSPECIFIED
+    assert request.guidance_channels == coordinator_pb2.GUIDANCE_CHANNELS_UNSPECIFIED
+    assert request.image_format == 0 and request.image_quality == 0  # IMAGE_FORMAT_UNSPECIFIED
+    assert request.num_steps == 0 and request.preview_every == 0
+    assert not request.HasField("guidance_scale") and not request.HasField("seed")
+
+
+def test_largest_guidance_is_sent(client, fake):
+    client.generate_result([1], guidance=1e4)
+    assert fake.requests[0].guidance_scale == 1e4
+
+
+def test_retries_are_the_channels_service_config(coordinator):
+    """Retries come from a gRPC retryPolicy on the channel (shared by both clients), not
+    from a loop in the client: the policy is in the service config it opens with."""
+    import json
+
+    from ditserve_client import AsyncClient
+
+    with Client(coordinator.address, retries=2) as client:
+        options = dict(client.settings.options())
+    config = json.loads(options["grpc.service_config"])
+    policy = config["methodConfig"][0]["retryPolicy"]
+    assert config["methodConfig"][0]["name"] == [{"service": "dit.v1.CoordinatorService"}]
+    assert policy["maxAttempts"] == 3 and policy["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert not hasattr(Client, "_wait_or_raise") and not hasattr(AsyncClient, "_wait_or_raise")
+    with pytest.raises(ValueError, match=r"retries must be 0\.\.4"):
+        Client(coordinator.address, retries=5)
 
 
 def test_generate_retries_unavailable_before_any_event(client, fake):
@@ -142,10 +179,25 @@ def test_invalid_argument_is_not_retried(client, fake):
 
 
 def test_unreachable_server_is_unavailable():
-    with Client("127.0.0.1:1", retries=1, timeout=5) as client, \
-            pytest.raises(DitserveError) as err:
+    target = f"127.0.0.1:{find_free_port()}"  # nothing listens (port 1 may, for root)
+    with Client(target, retries=1, timeout=5) as client, pytest.raises(DitserveError) as err:
         client.model_info()
-    assert err.value.code == "UNAVAILABLE" and "127.0.0.1:1" in err.value.message
+    assert err.value.code == "UNAVAILABLE" and target in err.value.message
+
+
+def test_a_silent_server_names_the_target_in_its_deadline_error():
+    """A port that accepts connections but never speaks HTTP/2: the deadline passes."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        target = f"127.0.0.1:{listener.getsockname()[1]}"
+        with Client(target, retries=0, timeout=1) as client, \
+                pytest.raises(DitserveError) as err:
+            client.model_info()
+    assert err.value.code == "DEADLINE_EXCEEDED"
+    assert f"no answer from {target} within the deadline" in err.value.message
 
 
 def test_token_travels_as_bearer_metadata(coordinator, fake):
@@ -157,6 +209,8 @@ def test_token_travels_as_bearer_metadata(coordinator, fake):
 def test_bad_target_is_rejected():
     with pytest.raises(ValueError, match="HOST:PORT"):
         Client("localhost")
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1:99999: port 99999 is outside 1\.\.65535"):
+        Client("127.0.0.1:99999")
 
 
 def test_tls_with_token(tmp_path):
@@ -175,5 +229,30 @@ def test_tls_with_token(tmp_path):
         with Client(f"localhost:{port}", retries=0) as plaintext, \
                 pytest.raises(DitserveError):
             plaintext.model_info()
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_stage_address_is_named_by_reflection():
+    """UNIMPLEMENTED from a server that is not the coordinator: what it serves instead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    stage_pb2_grpc.add_StageServiceServicer_to_server(stage_pb2_grpc.StageServiceServicer(),
+                                                      server)
+    name = stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name
+    reflection.enable_server_reflection([name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10) as client, \
+                pytest.raises(DitserveError) as err:
+            client.generate_result([1])
+        assert err.value.code == "UNIMPLEMENTED"
+        assert f"127.0.0.1:{port} serves dit.v1.StageService (a pipeline stage)" in str(err.value)
+        assert "needs the coordinator" in str(err.value)
     finally:
         server.stop(grace=None)

@@ -99,6 +99,18 @@ def test_metrics_endpoint(server):
     assert "dit_decoder_batch_rows_bucket" in text
 
 
+def test_the_client_at_the_decoders_address_says_what_it_serves(server, tmp_path, capsys):
+    """`--target` at the decoder: reflection tells which service the address serves."""
+    from ditserve.cli import main
+
+    for argv in (["generate", "--class", "1", "--out", str(tmp_path / "o.png")], ["info"]):
+        assert main([*argv, "--target", server.address, "--timeout", "30"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"{server.address} serves dit.v1.DecoderService (the VAE decoder)" in err
+        assert "needs the coordinator (dit.v1.CoordinatorService)" in err
+
+
 def test_sigterm_exits_cleanly(server):
     assert server.terminate() == 0
     log = server.log()

@@ -34,3 +34,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "x.pt")
     wrong = _ditserve("convert", str(tmp_path / "x.pt"), "--out", str(tmp_path / "y.bin"))
     assert wrong.returncode == 2 and "--out must end in .safetensors" in wrong.stderr
+
+
+def test_a_text_file_is_one_line_naming_it_and_the_formats(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, not weights\n")
+    for argv in (["inspect", str(notes)], ["convert", str(notes), "--out", str(tmp_path / "o.safetensors")],
+                 ["stage", "--checkpoint", str(notes), "--stage", "0", "--stages", "1",
+                  "--listen", "127.0.0.1:1"]):
+        done = _ditserve(*argv)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"{notes}: not a loadable torch checkpoint" in done.stderr
+        assert "accepted: an official .pt" in done.stderr
+        assert "diffusers DiT folder" in done.stderr and ".safetensors" in done.stderr

@@ -1,8 +1,8 @@
 """What a request gets besides progress: previews during denoising and final images.
 
-Approximate previews are a fixed linear latent→RGB map (sampling/previews.py), cheap
-enough for every step; decoded previews and final images go to the decoder service,
-awaited off the denoising loop so that decoding overlaps the denoising of others
+Approximate previews are a linear latent→RGB map fit to the served VAE at start-up
+(sampling/previews.py), cheap enough for every step; decoded previews and final images go
+to the decoder service, awaited off the denoising loop so that decoding overlaps the denoising of others
 (PipeDiT's decoupled VAE decode).
 """
 
@@ -19,7 +19,7 @@ from ditserve_client.proto.dit.v1 import image_pb2
 
 from ditserve.chain.base import ChainError, ErrorCode
 from ditserve.common.logs import log_event
-from ditserve.sampling import latent_preview
+from ditserve.sampling.previews import LatentRgbMap
 
 from .request import RequestState
 
@@ -28,10 +28,14 @@ PREVIEW_QUALITY = 75
 
 
 class OutputMaker:
-    """Previews and images of requests; `decoder` is a DecoderClient or None."""
+    """Previews and images of requests; `decoder` is a DecoderClient or None, `preview_map`
+    the served VAE's latent→RGB map, or a future of it while it is being fit (None: SD
+    1.x's map)."""
 
-    def __init__(self, decoder: Any | None):
+    def __init__(self, decoder: Any | None,
+                 preview_map: LatentRgbMap | Awaitable[LatentRgbMap | None] | None = None):
         self.decoder = decoder
+        self._preview_map = preview_map
 
     @property
     def has_decoder(self) -> bool:
@@ -44,8 +48,15 @@ class OutputMaker:
         if spec.preview == "none" or request.step % spec.preview_every:
             return None
         if spec.preview == "approximate":
-            return _ready(approximate_previews(pred_x0, spec.labels))
+            return self._approximate_previews(pred_x0, spec.labels)
         return self._decoded_previews(pred_x0, request)
+
+    async def _approximate_previews(self, pred_x0: torch.Tensor,
+                                    labels: tuple[int, ...]) -> list[Any]:
+        """Waits for the map's fit only the first time (requests in the first seconds)."""
+        if inspect.isawaitable(self._preview_map):
+            self._preview_map = await self._preview_map
+        return approximate_previews(pred_x0, labels, self._preview_map or LatentRgbMap.sd15())
 
     async def _decoded_previews(self, pred_x0: torch.Tensor, request: RequestState) -> list[Any]:
         """VAE-decoded previews; a failure costs the preview, not the request."""
@@ -72,13 +83,10 @@ class OutputMaker:
         return list(await asyncio.to_thread(call, *args))
 
 
-async def _ready(value: Any) -> Any:
-    return value
-
-
-def approximate_previews(pred_x0: torch.Tensor, labels: tuple[int, ...]) -> list[Any]:
+def approximate_previews(pred_x0: torch.Tensor, labels: tuple[int, ...],
+                         preview_map: LatentRgbMap) -> list[Any]:
     """(n, C, L, L) predicted clean latents → one JPEG Image message per row."""
-    pixels = latent_preview(pred_x0)  # (n, H, W, 3) uint8
+    pixels = preview_map(pred_x0)  # (n, H, W, 3) uint8
     return [_jpeg(image.numpy(), label) for image, label in zip(pixels, labels, strict=True)]
 
 

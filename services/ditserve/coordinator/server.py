@@ -4,6 +4,7 @@
     # Handshake:           describe + check_chain, retried while stages start up;
     #                      a mismatch (FAILED_PRECONDITION) refuses to start
     # Connect the decoder: DecoderClient when an address is configured
+    # Fit previews:        the approximate previews' latent→RGB map, to the served VAE
     # Serve:               Engine + CoordinatorServicer under the shared lifecycle
 """
 
@@ -23,6 +24,7 @@ from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
 from ditserve.config import PipelineConfig
 from ditserve.model import DiTConfig
+from ditserve.sampling.previews import LatentRgbMap
 
 from .engine import Engine
 from .model_info import ModelInfo
@@ -102,6 +104,9 @@ def connect_decoder(address: str) -> Any | None:
 async def serve(options: CoordinatorOptions) -> None:
     chain = build_chain(options)
     wire = None if options.local_checkpoint else options.config.wire_dtype
+    # The preview fit (seconds: it loads the VAE) runs beside the handshake and serving;
+    # only the first approximate previews wait for it.
+    previews = asyncio.ensure_future(asyncio.to_thread(fit_previews, options.config.decoder.vae))
     try:
         stages = await handshake(chain, wire, options.startup_timeout)
     except BaseException:
@@ -109,7 +114,8 @@ async def serve(options: CoordinatorOptions) -> None:
         raise
     model = DiTConfig.from_json(stages[0].model_config_json)
     decoder = connect_decoder(options.decoder)
-    engine = Engine(chain, model, options.config.coordinator, len(stages), OutputMaker(decoder))
+    engine = Engine(chain, model, options.config.coordinator, len(stages),
+                    OutputMaker(decoder, previews))
     info = ModelInfo(model, chain, options.config.coordinator, options.config.model.class_names,
                      _is_demo(options, stages[0]), has_decoder=decoder is not None)
     lifecycle = ServiceLifecycle("coordinator", options.listen, [SERVICE_NAME],
@@ -121,6 +127,30 @@ async def serve(options: CoordinatorOptions) -> None:
     log_event("chain_ready", stages=len(stages), model=model.name, decoder=options.decoder)
     await lifecycle.set_serving()
     await lifecycle.wait_for_termination()
+
+
+def fit_previews(vae: str) -> LatentRgbMap | None:
+    """The latent→RGB map of the served VAE (empty: the demo VAE); None (SD 1.x's map)
+    when this process cannot read the VAE's folder."""
+    from ditserve.sampling.previews import load_preview_map
+
+    if not vae:
+        try:
+            from ditserve.demo import DEMO_VAE_PATH
+        except ImportError:
+            return None
+        vae = str(DEMO_VAE_PATH)
+    if not (Path(vae) / "config.json").is_file():
+        log_event("previews_unfitted", vae=vae, reason="no VAE folder here; SD 1.x's map")
+        return None
+    started = time.perf_counter()
+    try:
+        preview_map = load_preview_map(vae)
+    except Exception as error:  # a preview map is a nicety: never a reason not to serve
+        log_event("previews_unfitted", vae=vae, reason=f"{type(error).__name__}: {error}")
+        return None
+    log_event("previews_fitted", vae=vae, seconds=round(time.perf_counter() - started, 2))
+    return preview_map
 
 
 def _is_demo(options: CoordinatorOptions, stage0: StageDescription) -> bool:

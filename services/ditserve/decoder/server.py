@@ -1,8 +1,9 @@
 """The decoder's server: DecoderService on the shared lifecycle (health, reflection,
 metrics, graceful SIGTERM).
 
-Recipe: bind (health NOT_SERVING) → load the VAE off the event loop → one warm-up decode
-→ SERVING → serve until a signal → drain → stop the compute thread.
+Recipe: check that the VAE belongs to the model (pairing.py) → bind (health NOT_SERVING)
+→ load the VAE off the event loop → one warm-up decode → SERVING → serve until a signal
+→ drain → stop the compute thread.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ditserve.common.logs import log_event
 
 from .batching import DecodeBatcher
 from .decoder import VaeDecoder
+from .pairing import check_pairing
 from .servicer import DecoderServicer
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
@@ -38,10 +40,16 @@ class DecoderServerConfig:
     """Port of the Prometheus /metrics endpoint; None for none."""
     grace: float = 5.0
     """Seconds in-flight calls get to finish on SIGTERM."""
+    checkpoint: str | None = None
+    """The DiT whose latents this decoder decodes; a VAE that does not belong to it is
+    refused at start-up. None: unknown (a decoder started on its own), not checked."""
 
 
 async def serve(config: DecoderServerConfig) -> None:
-    """Runs the decoder until SIGTERM/SIGINT."""
+    """Runs the decoder until SIGTERM/SIGINT; VaePairingError before binding when the VAE
+    does not belong to the model."""
+    if config.checkpoint is not None:
+        await asyncio.to_thread(check_pairing, config.checkpoint, config.vae)
     lifecycle = ServiceLifecycle("decoder", config.listen, [SERVICE_NAME],
                                  metrics_port=config.metrics_port, grace=config.grace)
     servicer = DecoderServicer()
@@ -56,7 +64,7 @@ async def serve(config: DecoderServerConfig) -> None:
     batcher.start()
     lifecycle.on_shutdown(batcher.stop)
     servicer.attach(batcher)
-    log_event("vae_loaded", vae=config.vae, device=config.device,
+    log_event("vae_loaded", vae=config.vae, device=config.device, model=config.checkpoint,
               latent_channels=decoder.latent_channels, scaling_factor=decoder.scaling_factor,
               tile_latent_size=decoder.tile_latent_size)
     await lifecycle.set_serving()

@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pipeline YAML (default: $DITSERVE_CONFIG); uses its decoder section")
     parser.add_argument("--vae", default=None, metavar="DIR",
                         help="diffusers AutoencoderKL folder (default: the embedded demo VAE)")
+    parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                        help="the DiT this VAE decodes for: a VAE that does not belong to it is "
+                        "refused (default: the config's model.checkpoint; unchecked without "
+                        "--config or --checkpoint)")
     parser.add_argument("--listen", default=None, metavar="HOST:PORT",
                         help=f"address to bind (default {DEFAULT_LISTEN})")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cpu)")
@@ -52,7 +56,8 @@ def server_config(args: argparse.Namespace) -> DecoderServerConfig:
     from ditserve.decoder.server import DecoderServerConfig
 
     path = args.config or Environment.read().config
-    section = load_config(path).decoder if path else DecoderConfig()
+    pipeline = load_config(path) if path else None
+    section = pipeline.decoder if pipeline else DecoderConfig()
     listen = args.listen or (section.listen_address() if section.address or section.listen
                              else DEFAULT_LISTEN)
     max_batch = args.max_batch if args.max_batch is not None else section.max_batch_size
@@ -62,8 +67,15 @@ def server_config(args: argparse.Namespace) -> DecoderServerConfig:
     if not (Path(vae) / "config.json").is_file():
         raise FileNotFoundError(f"VAE folder {vae} has no config.json (a diffusers "
                                 "AutoencoderKL folder is needed)")
+    checkpoint = args.checkpoint if args.checkpoint is not None else (
+        pipeline.model.checkpoint if pipeline else None)
+    if checkpoint is not None:  # as the stages resolve it: empty means the demo model
+        from ditserve.entrypoints.stage import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(checkpoint)
     return DecoderServerConfig(vae=vae, listen=listen, device=args.device or section.device,
-                               max_batch_size=max_batch, metrics_port=args.metrics_port)
+                               max_batch_size=max_batch, metrics_port=args.metrics_port,
+                               checkpoint=checkpoint)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,11 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=int, default=2, help="pipeline stages (default 2)")
     parser.add_argument("--per-class", type=int, default=3,
                         help="images of each class: rows of the grid (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the first row; row k uses seed + k * columns (default 0)")
     parser.add_argument("--sampler", default=None, help="default: the server's (ddpm, 250 steps)")
-    parser.add_argument("--steps", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--log-dir", default=".ditserve-logs")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: the sampler's)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale (default: the server's)")
+    parser.add_argument("--log-dir", default=".ditserve-logs",
+                        help="folder of the services' logs (default .ditserve-logs)")
 
 
 def _start_cluster(args: argparse.Namespace):
@@ -44,7 +48,7 @@ def _start_cluster(args: argparse.Namespace):
                           log_dir / f"up-{port}.log").start()
 
 
-def _generate(target: str, args: argparse.Namespace) -> tuple[list, int]:
+def _generate(target: str, args: argparse.Namespace) -> tuple[list, list[str]]:
     """One request per grid row, one column per class (the first 10 classes at most)."""
     from ditserve_client import Client
 
@@ -65,7 +69,7 @@ def _generate(target: str, args: argparse.Namespace) -> tuple[list, int]:
             images += result.images
             print(f"demo: {len(images)}/{len(labels)} images "
                   f"({result.timings.denoising:.1f} s denoising)", flush=True)
-    return images, num_classes
+    return images, [info.classes.name(c) for c in range(num_classes)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         # The coordinator serves once every other service does; `up` exits (one line in
         # its log) if one cannot start within its --start-timeout.
         cluster.wait_serving(timeout=START_TIMEOUT_S)
-        images, columns = _generate(cluster.address, args)
-        save_grid(images, args.out, columns=columns)
+        images, names = _generate(cluster.address, args)
+        save_grid(images, args.out, columns=len(names), captions=names)  # names under columns
         print(f"demo: wrote {args.out}", flush=True)
     except ServiceFailed as failure:
         print(f"ditserve demo: the cluster did not start: {failure.cause}", file=sys.stderr)

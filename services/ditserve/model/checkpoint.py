@@ -296,6 +296,13 @@ def open_checkpoint(path: str | Path, model: str | None = None) -> CheckpointRea
         return DiffusersReader(folder)
     if path.suffix == ".safetensors":
         return DitserveReader(path, model)
+    with path.open("rb") as file:
+        magic = file.read(4)
+    # torch.save writes a zip (PK\3\4), or before torch 1.6 a pickle (protocol 2+: 0x80).
+    if not (magic == b"PK\x03\x04" or magic[:1] == b"\x80"):
+        raise CheckpointError(f"{path}: not a loadable torch checkpoint (nor another DiT "
+                              "format); accepted: an official .pt/.pth (a state dict or "
+                              "{'ema': ...}), a diffusers DiT folder, or a .safetensors file")
     return _load_official(path, model)
 
 
