@@ -99,7 +99,7 @@ def test_a_service_failing_at_start_is_named_with_its_log(tmp_path, tiny_checkpo
     assert lines[first].startswith("ditserve up: decoder failed to start: exit code "), done.stderr
     (run_dir,) = (tmp_path / "logs").iterdir()
     assert lines[first + 1] == f"  last lines of {run_dir / 'decoder.log'}:"
-    assert "is not a valid JSON file" in lines[first], done.stderr  # diffusers' own words
+    assert "cannot read the VAE config" in lines[first], done.stderr  # the decoder's own words
     assert lines[first + 2].startswith("    "), done.stderr
     assert "AttributeError" not in done.stderr
     assert "stopped 1 services" in done.stderr  # the stage, which had started
