@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, help="deadline in seconds of each gRPC call")
     parser.add_argument("--retries", type=int, default=2,
                         help="retries of a call that fails UNAVAILABLE (default 2)")
+    parser.add_argument("--heartbeat", type=float, default=15.0,
+                        help="seconds between SSE comment lines while a request waits "
+                             "(default 15)")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds open requests get to finish on SIGTERM (default 5)")
     parser.add_argument("--log-level", default="info",
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         allow_unauthenticated=args.allow_unauthenticated,
         cors_origins=tuple(args.cors_origin), tls=args.tls or bool(args.ca_file),
         root_certificates=read_certificates(args.ca_file), timeout=args.timeout,
-        retries=args.retries, grace=args.grace)
+        retries=args.retries, heartbeat=args.heartbeat, grace=args.grace)
     try:
         return serve(config, args.log_level)
     except OSError as error:  # the port is taken, or not ours to bind

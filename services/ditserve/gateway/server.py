@@ -9,6 +9,7 @@ cancellation cancels its gRPC call) and runs the app's shutdown (closing the cha
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import uvicorn
@@ -54,5 +55,8 @@ def serve(config: GatewayConfig, log_level: str = "info") -> int:
     server = uvicorn.Server(uvicorn.Config(
         app, http="h11", loop="asyncio", lifespan="on", log_level=log_level.lower(),
         timeout_graceful_shutdown=config.grace))
+    # uvicorn re-raises a SIGTERM it drained for once it is done; handled as a no-op here,
+    # a drained stop exits 0 like every other ditserve service.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run(sockets=[sock])
     return 0 if server.started else 1

@@ -12,6 +12,7 @@ const WORDS = {
   504: "The request took too long",
 };
 let classes = [];
+let picked = false;  // whether the user chose classes in the list (else: the first match)
 let controller = null;
 
 function authHeaders() {
@@ -71,12 +72,15 @@ async function loadModel() {
   for (const option of $("preview-mode").options) {
     option.disabled = option.value !== "" && !model.preview_modes.includes(option.value);
   }
+  // Decoded previews show the image itself taking shape; without a decoder, approximate.
+  $("preview-mode").value = model.preview_modes.includes("decoded") ? "decoded" : "approximate";
 }
 
 function drawClasses() {
-  // The options that match the search (name or id), the chosen ones kept chosen.
+  // The options that match the search (name or id). Until the user picks, the first match
+  // is chosen; what the user picked stays chosen (and listed) whatever the search.
   const list = $("class-list");
-  const chosen = new Set(Array.from(list.selectedOptions, (o) => o.value));
+  const chosen = new Set(picked ? Array.from(list.selectedOptions, (o) => o.value) : []);
   const query = $("class-search").value.trim().toLowerCase();
   list.replaceChildren();
   for (const c of classes) {
@@ -86,7 +90,7 @@ function drawClasses() {
     option.selected = chosen.has(id);
     list.add(option);
   }
-  if (!list.selectedOptions.length && list.options.length && !query) list.options[0].selected = true;
+  if (!chosen.size && list.options.length) list.options[0].selected = true;
   drawChosen();
 }
 
@@ -243,7 +247,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", () => controller?.abort());
   $("class-search").addEventListener("input", drawClasses);
-  $("class-list").addEventListener("change", drawChosen);
+  $("class-list").addEventListener("change", () => {
+    picked = $("class-list").selectedOptions.length > 0;
+    drawChosen();
+  });
   $("token").addEventListener("change", loadModel);
   loadModel();
 });
