@@ -236,3 +236,29 @@ def gateway(coordinator: FakeServer, tmp_path_factory) -> Iterator[GatewayProces
         yield process.start()
     finally:
         process.stop()
+
+
+@dataclass
+class Live:
+    """A real `ditserve up` (tiny model, 2 stages, decoder) and a gateway in front of it."""
+
+    up: Any
+    gateway: GatewayProcess
+
+
+@pytest.fixture(scope="package")
+def live(tmp_path_factory, tiny_checkpoint, tiny_vae_dir) -> Iterator[Live]:
+    from conftest import UpCluster
+
+    tmp = tmp_path_factory.mktemp("live")
+    up = UpCluster(["--checkpoint", str(tiny_checkpoint), "--vae", str(tiny_vae_dir),
+                    "--stages", "2", "--wire-dtype", "fp32"], tmp / "logs")
+    gateway = None
+    try:
+        up.start()
+        gateway = GatewayProcess(up.target, tmp / "gateway.log").start()
+        yield Live(up, gateway)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        up.stop()
