@@ -23,7 +23,10 @@ START_LINE = "ditserve gateway: serving"
 def bind(config: GatewayConfig) -> socket.socket:
     """A listening socket on config.listen (no SO_REUSEPORT: a port is never shared)."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that
+    # say so, and without it Nagle holds each small event until the client's delayed ACK
+    # (measured: ~40 ms per event on loopback).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.port))
