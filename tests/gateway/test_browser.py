@@ -128,3 +128,20 @@ def test_an_invalid_input_shows_its_error_in_words(browser, live, field, value, 
     assert words in error.text
     assert not browser.find_elements(By.CSS_SELECTOR, "#results img")
     assert browser.find_element(By.ID, "generate").is_enabled()  # ready for another try
+
+
+def test_cancel_stops_the_generation(browser, live):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_page(browser, live)
+    Select(browser.find_element(By.ID, "sampler")).select_by_value("ddpm")
+    fill(browser, "steps", "1000")
+    browser.find_element(By.ID, "generate").click()
+    progress = browser.find_element(By.ID, "progress")
+    wait_for(lambda: float(progress.get_attribute("value")) > 0, "the first step")
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(lambda: browser.find_element(By.ID, "status").text == "cancelled", "cancelled")
+    assert float(progress.get_attribute("value")) < 1000
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results img")
+    assert browser.find_element(By.ID, "generate").is_enabled()

@@ -57,11 +57,13 @@ def test_model_lists_classes_samplers_and_defaults(gateway, fake):
 def test_generate_replies_json_with_base64_images(gateway, fake):
     body = {"class_labels": [2, "Blue Square"], "seed": 7, "sampler": "ddim", "num_steps": 3,
             "guidance_scale": 1.5}
-    status, headers, raw = gateway.request("POST", "/v1/generate", body)
+    status, headers, raw = gateway.request("POST", "/v1/generate", body,
+                                           {"Authorization": "Bearer made-up"})
     assert status == 200 and headers["content-type"] == "application/json"
     result = json.loads(raw)
     assert [base64.b64decode(i["data"]) for i in result["images"]] == [png_bytes(2), png_bytes(1)]
     assert result["images"][0]["media_type"] == "image/png" and result["seed"] == "7"
+    assert "authorization" not in fake.calls.metadata[0]  # no tokens file: none forwarded
     (request,) = fake.calls.requests  # the body became this GenerateRequest
     assert list(request.class_labels) == [2, 1] and request.seed == 7
     assert request.num_steps == 3 and request.guidance_scale == 1.5 and request.sampler == 2
@@ -288,3 +290,12 @@ def test_a_quiet_stream_gets_heartbeat_comments(coordinator, fake, tmp_path):
         process.stop()
     assert status == 200 and b"\n: waiting\n\n" in raw
     assert [name for name, _ in sse_events(raw)] == ["accepted", "progress", "progress", "result"]
+
+
+def test_the_probe_tells_a_serving_gateway(gateway, coordinator, fake):
+    from ditserve.gateway.probe import is_serving
+
+    assert is_serving(f"127.0.0.1:{gateway.port}")
+    coordinator.health.set("", 2)  # NOT_SERVING behind it
+    assert not is_serving(f"127.0.0.1:{gateway.port}")
+    assert not is_serving(f"127.0.0.1:{find_free_port()}")

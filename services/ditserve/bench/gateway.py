@@ -5,7 +5,9 @@ front of it, as processes on loopback. Each round sends the same request (same s
 the same work) once per variant, in rotating order; a variant's figure is the median over
 rounds of the client-side wall time, from sending the request to holding the decoded
 result, and the time to the first event (`accepted`), which carries no model work. The
-gateway's cost is the difference to gRPC. Clients keep their connection across rounds
+gateway's cost is the difference to gRPC, paired by round, and the CPU time the gateway
+process spends per request (from /proc: robust to the machine's other load, which the
+wall times are not). Clients keep their connection across rounds
 (one gRPC channel; one HTTP/1.1 keep-alive connection), as a real client would.
 """
 
@@ -125,6 +127,13 @@ def _free_base_port(count: int) -> int:
 
 Timing = tuple[float, float]
 """(seconds to the first event, seconds to the decoded result) of one request."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def grpc_variant(client, body: dict) -> Callable[[], Timing]:
@@ -189,42 +198,51 @@ def run(settings: Settings) -> Report:
                 f"HTTP/SSE + {settings.previews} previews": http_variant(connection, previewed,
                                                                          stream=True),
             }
-            samples = _measure(variants, settings)
+            samples, cpu = _measure(variants, settings, processes.gateway.pid)
             connection.close()
     finally:
         processes.stop()
-    return _report(samples, settings, machine())
+    return _report(samples, cpu, settings, machine())
 
 
-def _measure(variants: dict[str, Callable[[], Timing]],
-             settings: Settings) -> dict[str, list[Timing]]:
-    """Every variant once per round, in an order that rotates each round."""
-    names, samples = list(variants), {name: [] for name in variants}
+def _measure(variants: dict[str, Callable[[], Timing]], settings: Settings,
+             gateway_pid: int) -> tuple[dict[str, list[Timing]], dict[str, float]]:
+    """Every variant once per round, in an order that rotates each round; with the
+    gateway's CPU seconds per request of each variant (mean over the rounds)."""
+    names = list(variants)
+    samples: dict[str, list[Timing]] = {name: [] for name in names}
+    cpu = dict.fromkeys(names, 0.0)
     for round_ in range(settings.warmup + settings.rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
+            before = cpu_seconds(gateway_pid)
             timing = variants[name]()  # one request at a time: latency, not throughput
             if round_ >= settings.warmup:
                 samples[name].append(timing)
-    return samples
+                cpu[name] += (cpu_seconds(gateway_pid) - before) / settings.rounds
+    return samples, cpu
 
 
-def _report(samples: dict[str, list[Timing]], settings: Settings, host: dict) -> Report:
+def _report(samples: dict[str, list[Timing]], cpu: dict[str, float], settings: Settings,
+            host: dict) -> Report:
     rows = []
-    baselines = {False: spread([t for _, t in samples["gRPC"]])["median"]}
-    previewed = [n for n in samples if n.startswith("gRPC +")]
-    if previewed:
-        baselines[True] = spread([t for _, t in samples[previewed[0]]])["median"]
+    previewed = next((n for n in samples if n.startswith("gRPC +")), "gRPC")
     for name, timings in samples.items():
+        base = samples[previewed if "previews" in name else "gRPC"]
         first, total = spread([f for f, _ in timings]), spread([t for _, t in timings])
-        base = baselines["previews" in name]
+        # Paired by round (the two ran back to back), which cancels most of the noise that
+        # other load on the machine puts on both.
+        added = spread([t - b for (_, t), (_, b) in zip(timings, base, strict=True)])
         rows.append({"variant": name, "first_ms": fmt_spread(first, 1e3, 2),
                      "total_ms": fmt_spread(total, 1e3, 1),
-                     "added_ms": f"{(total['median'] - base) * 1e3:+.1f}"})
+                     "added_ms": f"{added['median'] * 1e3:+.1f} "
+                                 f"[{added['q1'] * 1e3:+.1f} to {added['q3'] * 1e3:+.1f}]",
+                     "cpu_ms": round(cpu[name] * 1e3, 2)})
     return Report(
         scenario="gateway", rows=rows,
         columns=[("variant", "way in"), ("first_ms", "first event, ms"),
-                 ("total_ms", "whole request, ms"), ("added_ms", "vs gRPC, ms (median)")],
+                 ("total_ms", "whole request, ms"), ("added_ms", "added vs gRPC, ms: median [IQR]"),
+                 ("cpu_ms", "gateway CPU, ms/request")],
         samples={name: [list(t) for t in timings] for name, timings in samples.items()},
         notes=[f"ditserve up (embedded demo model, {settings.stages} stage(s), decoder) and "
                "ditserve gateway on loopback; the client in this process, one request at a time.",
@@ -232,7 +250,10 @@ def _report(samples: dict[str, list[Timing]], settings: Settings, host: dict) ->
                f"{settings.rounds} rounds after {settings.warmup} warm-up, variants in rotating "
                "order; median [min–max].",
                "first event: to `accepted` over gRPC and SSE; to the whole reply for HTTP/JSON "
-               "(it has only one). vs gRPC: the variant's median minus gRPC's (with previews, "
-               "minus gRPC with the same previews).",
+               "(it has only one). added: per round, this variant's time minus gRPC's (with "
+               "previews: minus gRPC with the same previews); median and quartiles.",
+               "gateway CPU: user+system time of the gateway process per request, mean over "
+               "the rounds (/proc, 10 ms ticks summed over all rounds); ~0 for gRPC, which "
+               "bypasses it.",
                f"machine: {host['cpu']}, {host['cores']} cores."],
         settings=asdict(settings))

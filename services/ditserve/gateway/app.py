@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ditserve_client import Event, Result
+from ditserve_client import Event, ModelInfo, Result
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -149,9 +149,11 @@ class Gateway:
         self.upstream = Upstream(config)
 
     def token(self, request: Request) -> tuple[bool, str | None]:
-        """(allowed, token) of the request's Authorization header."""
+        """(allowed, token to forward) of the request's Authorization header. Without a
+        tokens file nothing is forwarded: one client per distinct caller-made string would
+        let anyone open channels without bound."""
         token = bearer_token(request.headers.get("authorization"))
-        return self.tokens.accepts(token), token
+        return self.tokens.accepts(token), token if self.tokens.enabled else None
 
     async def index(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -198,7 +200,7 @@ class Gateway:
         except Exception as error:
             await events.aclose()
             return error_response(ApiError.from_exception(error))
-        return JSONResponse(_result_json(result))
+        return JSONResponse(event_json(result)[1])
 
     def _log_end(self, body: GenerateBody) -> Callable[[str], None]:
         return lambda outcome: LOG.info("event stream ended: %s (%s)", outcome, body.request_id)
@@ -215,11 +217,7 @@ async def _last(events: AsyncIterator[Event]) -> Result:
     return last
 
 
-def _result_json(result: Result) -> dict[str, Any]:
-    return event_json(result)[1]
-
-
-def model_json(info: Any) -> dict[str, Any]:
+def model_json(info: ModelInfo) -> dict[str, Any]:
     """GetModelInfo as JSON: what the page needs to build its form."""
     classes = info.classes
     count = classes.num_classes or len(classes.names)

@@ -3,7 +3,7 @@
 Each accepted token gets its own `AsyncClient` (its own channel), so the token rides on
 every call as `authorization: Bearer …` through the SDK's public API. Only tokens that
 passed the gateway's check get a client, so there are at most as many as the tokens
-file lists (plus one without a token when the check is off).
+file lists; with the check off, one client calls without a token.
 """
 
 from __future__ import annotations
