@@ -145,3 +145,18 @@ def test_cancel_stops_the_generation(browser, live):
     assert float(progress.get_attribute("value")) < 1000
     assert not browser.find_elements(By.CSS_SELECTOR, "#results img")
     assert browser.find_element(By.ID, "generate").is_enabled()
+
+
+def test_decoded_previews_are_spaced_to_about_50_on_long_runs(browser, live):
+    """One VAE decode per step would queue behind the denoising and delay the result."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_page(browser, live)
+    assert Select(browser.find_element(By.ID, "preview-mode")).first_selected_option \
+        .get_attribute("value") == "decoded"  # the default when the model has a decoder
+    Select(browser.find_element(By.ID, "sampler")).select_by_value("ddim")
+    fill(browser, "steps", "150")
+    browser.find_element(By.ID, "generate").click()
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#results img"), "the result")
+    assert browser.find_element(By.ID, "previews").get_attribute("data-updates") == "50"

@@ -12,6 +12,7 @@ const WORDS = {
   504: "The request took too long",
 };
 let classes = [];
+let samplerSteps = {};  // sampler name → its default steps ("" → the server default's guess)
 let picked = false;  // whether the user chose classes in the list (else: the first match)
 let controller = null;
 
@@ -68,6 +69,8 @@ async function loadModel() {
   const sampler = $("sampler");
   sampler.length = 1;
   for (const s of model.samplers) sampler.add(new Option(`${s.name} (${s.default_steps} steps)`, s.name));
+  samplerSteps = Object.fromEntries(model.samplers.map((s) => [s.name, s.default_steps]));
+  samplerSteps[""] = Math.max(...model.samplers.map((s) => s.default_steps));
   $("guidance").placeholder = `default ${model.default_guidance_scale}`;
   for (const option of $("preview-mode").options) {
     option.disabled = option.value !== "" && !model.preview_modes.includes(option.value);
@@ -117,6 +120,13 @@ function requestBody() {
   if ($("steps").value.trim()) body.num_steps = number($("steps").value);
   if ($("guidance").value.trim()) body.guidance_scale = number($("guidance").value);
   if ($("preview-mode").value) body.preview_mode = $("preview-mode").value;
+  if (body.preview_mode === "decoded") {
+    // A VAE decode per step would queue up behind the denoising (and delay the result)
+    // on long runs: about 50 decoded previews per run.
+    const steps = Number.isInteger(body.num_steps) && body.num_steps > 0 ? body.num_steps
+      : (samplerSteps[body.sampler ?? ""] ?? 250);
+    body.preview_every = Math.max(1, Math.round(steps / 50));
+  }
   return body;
 }
 
