@@ -11,6 +11,7 @@ The end-to-end tests against a real `ditserve up` are in test_live.py and test_b
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import json
@@ -232,6 +233,22 @@ def sse_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
 def gateway(coordinator: FakeServer, tmp_path_factory) -> Iterator[GatewayProcess]:
     """A gateway without a token check in front of the fake coordinator."""
     process = GatewayProcess(coordinator.address, tmp_path_factory.mktemp("gw") / "gw.log")
+    try:
+        yield process.start()
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(coordinator: FakeServer, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """A gateway that accepts the token "s3cret" (its sha256 in the tokens file)."""
+    folder = tmp_path_factory.mktemp("guarded")
+    tokens = folder / "tokens"
+    tokens.write_text(f"# gateway tokens\n{hashlib.sha256(b's3cret').hexdigest()}  # ci\n"
+                      f"{hashlib.sha256(b'other').hexdigest()}\n")
+    process = GatewayProcess(coordinator.address, folder / "gw.log",
+                             ["--tokens-file", str(tokens), "--cors-origin",
+                              "https://app.example"])
     try:
         yield process.start()
     finally:

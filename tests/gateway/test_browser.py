@@ -160,3 +160,20 @@ def test_decoded_previews_are_spaced_to_about_50_on_long_runs(browser, live):
     browser.find_element(By.ID, "generate").click()
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#results img"), "the result")
     assert browser.find_element(By.ID, "previews").get_attribute("data-updates") == "50"
+
+
+def test_a_gateway_that_wants_a_token_says_so_and_takes_one(browser, guarded, fake):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"http://127.0.0.1:{guarded.port}/")
+    error = browser.find_element(By.ID, "error")
+    wait_for(error.is_displayed, "the error message")
+    assert error.text.startswith("Not authorized: a valid 'Authorization: Bearer TOKEN'")
+    browser.find_element(By.TAG_NAME, "summary").click()  # open "Access token"
+    fill(browser, "token", "s3cret")
+    browser.find_element(By.ID, "class-search").click()  # leaving the field loads the model
+    wait_for(lambda: "DiT-Fake/2" in browser.find_element(By.ID, "model-name").text, "the model")
+    assert not error.is_displayed()
+    browser.find_element(By.ID, "generate").click()
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#results img"), "the result")
+    assert {m.get("authorization") for m in fake.calls.metadata} == {"Bearer s3cret"}

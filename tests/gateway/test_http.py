@@ -5,7 +5,6 @@ its call, SIGTERM, and one-line start-up errors."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import socket
 import subprocess
@@ -156,22 +155,6 @@ def test_unknown_routes_and_methods_are_refused(gateway):
 
 
 # ---- tokens and CORS -------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def guarded(coordinator, tmp_path_factory):
-    """A gateway that accepts the token "s3cret" (its sha256 in the tokens file)."""
-    folder = tmp_path_factory.mktemp("guarded")
-    tokens = folder / "tokens"
-    tokens.write_text(f"# gateway tokens\n{hashlib.sha256(b's3cret').hexdigest()}  # ci\n"
-                      f"{hashlib.sha256(b'other').hexdigest()}\n")
-    process = GatewayProcess(coordinator.address, folder / "gw.log",
-                             ["--tokens-file", str(tokens), "--cors-origin",
-                              "https://app.example"])
-    try:
-        yield process.start()
-    finally:
-        process.stop()
-
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic czNjcmV0", "Bearer "])
 @pytest.mark.parametrize("path", ["/v1/model", "/v1/generate"])
