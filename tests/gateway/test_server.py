@@ -32,3 +32,25 @@ def test_accepted_connections_get_tcp_nodelay():
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_the_gateway_needs_no_torch():
+    """It runs from the client SDK and the gateway extra: torch, numpy, the server parts
+    blocked, it still imports and builds its app."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('torch', 'numpy', 'safetensors', 'diffusers', 'prometheus_client'):\n"
+            "    sys.modules[name] = None\n"
+            "from ditserve.gateway.app import build_app\n"
+            "from ditserve.gateway.auth import TokenCheck\n"
+            "from ditserve.gateway.config import GatewayConfig\n"
+            "import ditserve.gateway.server\n"
+            "build_app(GatewayConfig('127.0.0.1:1'), TokenCheck())\n"
+            "from ditserve.cli import main\n"
+            "main(['gateway', '--help'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--tokens-file" in done.stdout
