@@ -136,6 +136,13 @@ def test_bad_bodies_are_400_and_name_what_is_wrong(gateway, fake, body, words):
     assert not fake.calls.requests  # refused before any Generate call
 
 
+def test_a_body_past_64_kib_is_413(gateway, fake):
+    body = {"class_labels": [1], "request_id": "x" * 70_000}
+    status, _, raw = gateway.request("POST", "/v1/generate", body)
+    assert status == 413 and "exceeds 65536 bytes" in json.loads(raw)["error"]["message"]
+    assert not fake.calls.requests
+
+
 def test_openapi_document_and_the_page_are_served(gateway):
     status, _, raw = gateway.request("GET", "/openapi.json")
     document = json.loads(raw)

@@ -45,8 +45,27 @@ LOG = logging.getLogger("ditserve.gateway")
 T = TypeVar("T")
 
 
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body: a GenerateRequest is tiny (a list of labels and a few options)."""
+
+
 class ClientGone(Exception):
     """The HTTP client closed the connection before the reply."""
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds MAX_BODY_BYTES (HTTP 413)."""
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused once it grows past MAX_BODY_BYTES (never buffered whole)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -181,7 +200,10 @@ class Gateway:
         if not allowed:
             return unauthorized()
         try:
-            body = GenerateBody.from_json(json.loads(await request.body() or b"null"))
+            body = GenerateBody.from_json(json.loads(await read_body(request) or b"null"))
+        except BodyTooLarge:
+            return error_response(ApiError(413, "INVALID_ARGUMENT", f"the body exceeds "
+                                                                    f"{MAX_BODY_BYTES} bytes"))
         except ValueError as error:  # json.JSONDecodeError is a ValueError too
             return error_response(ApiError(400, "INVALID_ARGUMENT", f"bad request body: {error}"))
         client = self.upstream.client(token)

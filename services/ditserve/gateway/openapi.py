@@ -27,6 +27,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     words = {400: "invalid request (INVALID_ARGUMENT, FAILED_PRECONDITION)",
              401: "missing or wrong bearer token (UNAUTHENTICATED)",
+             413: "request body over 64 KiB",
              429: "queue full (RESOURCE_EXHAUSTED); Retry-After says when to retry",
              503: "coordinator unavailable (UNAVAILABLE)",
              504: "deadline exceeded (DEADLINE_EXCEEDED)"}
@@ -128,7 +129,7 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Generate one image per class label", "security": bearer,
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": _ref("GenerateRequest")}}},
-                "responses": {"200": generate_ok, **_errors(400, 401, 429, 503, 504)}}},
+                "responses": {"200": generate_ok, **_errors(400, 401, 413, 429, 503, 504)}}},
             "/v1/model": {"get": {
                 "summary": "The served model, its classes, samplers and defaults",
                 "security": bearer,
