@@ -93,8 +93,13 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
         b, calls = self.behaviour, self.calls
         calls.requests.append(request)
         calls.metadata.append(dict(context.invocation_metadata()))
+        # A cancelled call's generator is simply not resumed by grpc's server: the callback,
+        # run when the call ends for any reason, tells a cancellation by `ended` unset.
+        ended = threading.Event()
+        context.add_callback(lambda: None if ended.is_set() else calls.cancelled.set())
         calls.started.set()
         if b.error is not None:
+            ended.set()
             context.abort_with_status(b.error)
         steps = request.num_steps or b.steps
         yield coordinator_pb2.GenerateResponse(accepted=coordinator_pb2.Accepted(
@@ -102,12 +107,12 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
             request.HasField("seed") else 2**63 + 5, num_steps=steps,
             sampler=request.sampler or coordinator_pb2.SAMPLER_DDPM, guidance_scale=4.0))
         if b.error_after_accepted is not None:
+            ended.set()
             context.abort_with_status(b.error_after_accepted)
         for step in range(1, steps + 1):
             if b.step_seconds:
                 time.sleep(b.step_seconds)
             if not context.is_active():  # the gateway cancelled the call
-                calls.cancelled.set()
                 return
             progress = coordinator_pb2.Progress(step=step, total_steps=steps, timestep=999 - step,
                                                 elapsed_seconds=0.1 * step)
@@ -122,6 +127,7 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                              class_label=label, format=image_pb2.IMAGE_FORMAT_PNG)
                              for label in request.class_labels)
         yield coordinator_pb2.GenerateResponse(result=result)
+        ended.set()
 
     def GetModelInfo(self, request, context):
         self.calls.metadata.append(dict(context.invocation_metadata()))
