@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos check-protos lint test test-cpu-kernels demo clean
+.PHONY: install protos check-protos lint browser test test-cpu-kernels demo clean
 
 install: $(STAMP)
 
@@ -26,7 +26,20 @@ check-protos: install
 lint: install
 	$(PY) -m ruff check services client tests
 
-test: install check-protos lint test-cpu-kernels
+# Debian's headless Chromium and its driver, for the web page's browser test
+# (tests/gateway/test_browser.py). Installed with apt-get when missing and running as root
+# (as CI does); otherwise, or if apt-get fails, it says so and that test is skipped.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -q chromium chromium-driver >/dev/null) \
+		|| echo "make browser: apt-get could not install chromium: the browser test will be skipped"; \
+	else \
+		echo "make browser: chromium/chromedriver missing and not root: the browser test will be skipped"; \
+	fi
+
+test: install browser check-protos lint test-cpu-kernels
 	$(PY) -m pytest -q -ra
 
 # float32 results differ between CPUs (torch picks AVX-512, AVX2 or scalar kernels at run

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "stage": "stage",
     "coordinator": "coordinator",
     "decoder": "decoder",
+    "gateway": "gateway",
     "convert": "convert",
     "inspect": "inspect",
     "train-demo": "train_demo",

@@ -37,7 +37,7 @@ VARIANTS = {"base": K8S / "base", "gpu-4stage": K8S / "overlays/gpu-4stage",
             "lws": K8S / "overlays/lws", "cpu-demo": K8S / "overlays/cpu-demo"}
 KUBERNETES_VERSION = "1.32.0"
 GPU = "nvidia.com/gpu"
-GRPC_PORT, METRICS_PORTS = 50051, {9100, 9101}
+GRPC_PORT, METRICS_PORTS, GATEWAY_PORT = 50051, {9100, 9101}, 8080
 LWS_KIND = "LeaderWorkerSet"
 LWS_LABEL = "leaderworkerset.sigs.k8s.io/"
 # Installed beside this interpreter by the test extra (kubernetes-validate).
@@ -256,6 +256,8 @@ def test_stage_pods_read_their_index_from_their_label(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_probes_are_grpc_on_container_ports(variant):
     for workload, container in containers(render(variant)):
+        if workload.role == "gateway":
+            continue  # HTTP: see test_gateway_fronts_the_coordinator_over_http
         ports = {p["containerPort"] for p in container["ports"]}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] in ports, (workload.name, probe)
@@ -317,6 +319,49 @@ def test_disruption_budgets_cannot_block_a_drain(variant):
         assert len(selected) == 1 and selected[0].replicas <= pdb["spec"]["maxUnavailable"]
 
 
+# ---- the HTTP gateway ------------------------------------------------------------------
+
+def _gateway(docs: tuple[Doc, ...]) -> Workload | None:
+    found = [w for w in workloads(docs) if w.role == "gateway"]
+    return found[0] if found else None
+
+
+def _flag(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+@pytest.mark.parametrize("variant", ["base", "gpu-4stage", "cpu-demo"])
+def test_gateway_fronts_the_coordinator_over_http(variant, tmp_path):
+    """Dials the config's coordinator address, listens on its named port, probes over HTTP,
+    asks for tokens, and is reached through its Service and the example Ingress."""
+    docs = render(variant)
+    gateway = _gateway(docs)
+    assert gateway is not None and gateway.replicas >= 2
+    (container,) = gateway.spec["containers"]
+    args = container["args"]
+    assert args[0] == "gateway"
+    assert _flag(args, "--target") == pipeline(docs, tmp_path).coordinator.address
+    _service_for(docs, _flag(args, "--target"), "coordinator")
+    assert host_port(_flag(args, "--listen"))[1] == GATEWAY_PORT
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": GATEWAY_PORT}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    for probe in ("startupProbe", "livenessProbe"):  # a coordinator restart restarts no gateway
+        assert container[probe]["tcpSocket"]["port"] == "http"
+    tokens = _flag(args, "--tokens-file")
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    (secret,) = [v["secret"] for v in gateway.spec["volumes"]
+                 if v["name"] == mounts[tokens.rsplit("/", 1)[0]]]
+    assert secret["secretName"] == "ditserve-gateway-tokens"
+    service = named(docs, "Service", "ditserve-gateway")
+    assert {w.role for w in workloads(docs)
+            if selects(service["spec"]["selector"], w.labels)} == {"gateway"}
+    (port,) = service["spec"]["ports"]
+    (rule,) = named(docs, "Ingress", "ditserve-gateway")["spec"]["rules"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "ditserve-gateway", "port": {"name": port["name"]}}
+    assert port["targetPort"] == "http"
+
+
 # ---- network policy --------------------------------------------------------------------
 
 def _admitted(docs: tuple[Doc, ...]) -> set[tuple[str, str, int]]:
@@ -353,9 +398,14 @@ def test_network_policies_admit_exactly_the_chain(variant, tmp_path):
     chain = {("coordinator", stages[0])} | set(itertools.pairwise(stages))
     if of_kind(docs, "Deployment"):
         chain.add(("coordinator", "decoder"))  # else in the coordinator's pod (loopback)
+    public = {"coordinator"}
+    if _gateway(docs):
+        chain.add(("gateway", "coordinator"))
+        public.add("gateway")
     admitted = _admitted(docs)
     assert {(s, d) for s, d, p in admitted if p == GRPC_PORT and s != "any"} == chain
-    assert {d for s, d, _ in admitted if s == "any"} == {"coordinator"}
+    assert {d for s, d, _ in admitted if s == "any"} == public
+    assert {p for s, d, p in admitted if d == "gateway" and s == "any"} <= {GATEWAY_PORT}
     scrapers = {(d, p) for s, d, p in admitted if s.startswith("namespace:")}
     assert {p for _, p in scrapers} <= METRICS_PORTS
     assert {d for d, _ in scrapers} == {w.role for w in workloads(docs)}
@@ -381,7 +431,7 @@ def test_configmap_is_the_file_ditserve_up_reads(variant):
     config = load_config(path)
     lws = of_kind(docs, LWS_KIND)
     pods = (lws[0]["spec"]["leaderWorkerTemplate"]["size"] - 1 if lws
-            else len(of_kind(docs, "Deployment")) - 2)
+            else len([w for w in workloads(docs) if w.role.startswith("stage-")]))
     assert len(config.stages) == pods
     depth, end = _depth(config), 0
     for k, stage in enumerate(config.stages):

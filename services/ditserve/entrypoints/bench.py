@@ -4,8 +4,8 @@
     ditserve bench throughput --quick           # tiny sizes, seconds: a smoke test
     ditserve bench peer --set clients=1,16 --out-dir results/
 
-Scenarios: distribution, throughput, load, peer, wire, hop, memory, gpu, forward
-(ditserve.bench).
+Scenarios: distribution, throughput, load, peer, wire, hop, memory, gpu, forward,
+gateway (ditserve.bench).
 `--set FIELD=VALUE` overrides any field of the scenario's Settings (lists comma-separated).
 """
 
@@ -20,7 +20,7 @@ import typing
 HELP = "Run a benchmark scenario; write <scenario>.json and <scenario>.md."
 
 SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "hop", "memory", "gpu",
-             "forward")
+             "forward", "gateway")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
