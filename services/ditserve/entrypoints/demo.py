@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ditserve.common.status import CommandError
+
 HELP = "start the local cluster on the demo model, generate a grid of every class, stop"
 
 
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ditserve_client.grid import save_grid
 
     if args.per_class < 1:
-        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+        raise CommandError(f"--per-class must be at least 1, got {args.per_class}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

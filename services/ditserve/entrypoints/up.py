@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
+
+from ditserve.common.status import CommandError
+from ditserve.config import WireDtype
 
 HELP = "start every service (stages, decoder, coordinator) as its own process on loopback"
 
@@ -16,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", default="", help="diffusers AutoencoderKL folder; default: "
                                                   "the embedded demo VAE")
     parser.add_argument("--no-decoder", action="store_true", help="serve latents only")
-    parser.add_argument("--wire-dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--wire-dtype", default="bf16", choices=get_args(WireDtype))
     parser.add_argument("--port", type=int, default=50050,
                         help="coordinator port; the decoder and stages take the next ones")
     parser.add_argument("--log-dir", default=".ditserve-logs",
@@ -30,12 +34,12 @@ def _config(args: argparse.Namespace):
     from ditserve.launcher.plan import localize
 
     if not 1 <= args.port <= 65535 - 64:
-        raise ValueError(f"--port must be between 1 and {65535 - 64}, got {args.port}")
+        raise CommandError(f"--port must be between 1 and {65535 - 64}, got {args.port}")
     if args.config:
         config = load_config(args.config)
     else:
         if args.stages < 1:
-            raise ValueError(f"--stages must be at least 1, got {args.stages}")
+            raise CommandError(f"--stages must be at least 1, got {args.stages}")
         config = local_config(args.stages, args.port, args.checkpoint, args.wire_dtype, args.vae)
     config = localize(config, args.port)
     if args.no_decoder:
