@@ -258,6 +258,26 @@ def test_failures_hit_only_the_microbatch_that_failed(model):
     assert bystander.error is None and bystander.result is not None
 
 
+def test_non_finite_latents_fail_only_that_request(model):
+    """A guidance scale past the admission bound (specs built here skip that check)
+    overflows float32 at the first step. That request fails alone, with a message about
+    its own parameters; the one sharing its microbatch finishes."""
+    async def main():
+        engine, chain = make_engine(model, microbatches_in_flight=1)
+        outcomes = await asyncio.gather(
+            collect(engine, spec([1], seed=1, steps=4, scale=1e38, request_id="victim")),
+            collect(engine, spec([2], seed=2, steps=4, request_id="bystander")))
+        return outcomes, chain.calls
+
+    (victim, bystander), calls = run(main())
+    assert calls[0]["ids"] == ["victim", "bystander"]  # they shared a microbatch
+    assert victim.error.code is StatusCode.INVALID_ARGUMENT
+    assert "request victim" in victim.error.message
+    assert "guidance scale 1e+38" in victim.error.message
+    assert bystander.error is None and len(bystander.progress) == 4
+    assert bool(torch.isfinite(bystander.result.latents).all())
+
+
 def test_non_retryable_error_fails_its_requests_at_once(model):
     async def main():
         engine, chain = make_engine(model)
