@@ -52,3 +52,25 @@ def test_bad_label_is_invalid_argument(tiny_model):
     with pytest.raises(ServiceError, match=r"y: class labels must lie in \[0, 10\]") as caught:
         asyncio.run(_forward(LocalChain.from_model(tiny_model, 2), x, t, y))
     assert caught.value.code is StatusCode.INVALID_ARGUMENT
+
+
+def test_from_checkpoint_opens_the_file_once_for_every_stage(tiny_checkpoint, monkeypatch):
+    opened = _count_opens(monkeypatch)
+    chain = LocalChain.from_checkpoint(str(tiny_checkpoint), 3, "fp32")
+    asyncio.run(chain.close())
+    assert opened == [str(tiny_checkpoint)]
+
+
+def _count_opens(monkeypatch) -> list[str]:
+    """Records every safetensors file the checkpoint readers open."""
+    from ditserve.model import checkpoint
+
+    opened: list[str] = []
+    real = checkpoint.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", counting)
+    return opened
