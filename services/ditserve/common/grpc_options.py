@@ -1,4 +1,5 @@
-"""Message size limits and keepalive, the same on every server and channel (DESIGN §5/§6).
+"""Message size limits and keepalive, the same on every server and channel
+(docs/ARCHITECTURE.md §5, §6).
 
 Limits are explicit so that a peer's misconfiguration fails loudly with RESOURCE_EXHAUSTED
 rather than at grpc's 4 MiB default. Keepalive pings detect a dead peer (a killed pod) in

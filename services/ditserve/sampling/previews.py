@@ -34,6 +34,6 @@ def latent_preview(x0: torch.Tensor, upscale: int = DEFAULT_UPSCALE) -> torch.Te
     rgb = torch.einsum("nchw,ck->nkhw", x0.float(), factors)  # (n, 3, H, W), about [-1, 1]
     if upscale > 1:
         rgb = F.interpolate(rgb, scale_factor=upscale, mode="nearest")
-    # The image convention of DESIGN §3: clamp(127.5 x + 128).
+    # The image convention of docs/ARCHITECTURE.md §3: clamp(127.5 x + 128).
     pixels = (127.5 * rgb + 128).clamp(0, 255).to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).contiguous().cpu()  # (n, H*s, W*s, 3)
