@@ -289,6 +289,31 @@ def test_non_retryable_error_fails_its_requests_at_once(model):
     assert failed.error.code is StatusCode.INVALID_ARGUMENT and calls == 1
 
 
+def test_a_bug_in_a_step_fails_its_requests_and_the_engine_serves_on(model):
+    from ditserve.sampling import make_sampler
+
+    def sampler_factory(name: str, steps: int):
+        sampler = make_sampler(name, steps)
+        if steps == 3:  # the broken request's sampler
+            def broken(*args, **kwargs):
+                raise RuntimeError("sampler bug")
+            sampler.step = broken
+        return sampler
+
+    async def main():
+        chain = ModelChain(model)
+        engine = Engine(chain, model.config, CoordinatorConfig(), 1,
+                        sampler_factory=sampler_factory)
+        broken = await collect(engine, spec([1], steps=3))
+        fine = await collect(engine, spec([2], steps=4))
+        return broken, fine, engine
+
+    broken, fine, engine = run(main())
+    assert broken.error.code is StatusCode.INTERNAL and "sampler bug" in broken.error.message
+    assert fine.error is None and len(fine.progress) == 4
+    assert engine.scheduler.num_admitted == 0
+
+
 class SlowDecoder:
     """A decoder taking 0.3 s per call, recording what it was asked."""
 

@@ -160,17 +160,17 @@ class Engine:
             out = await self._forward(microbatch)  # (N, C_out, L, L)
             metrics.MICROBATCH_SECONDS.observe(time.monotonic() - launched)
             updated = self.scheduler.update(microbatch, out, time.monotonic())
+            for step in updated.stepped:
+                self._emit_step(step, launched)
         except ServiceError as error:
             log_event("microbatch_failed", request_ids=microbatch.request_ids,
                       code=error.code.value, message=error.message)
-            updated = self.scheduler.fail(microbatch, error)
+            self.scheduler.fail(microbatch, error)
         except Exception as error:  # a bug must fail these requests, not hang them
             log_event("microbatch_error", request_ids=microbatch.request_ids, error=repr(error))
-            updated = self.scheduler.fail(microbatch, ServiceError(
-                StatusCode.INTERNAL, f"internal error: {error}"))
-        for step in updated.stepped:
-            self._emit_step(step, launched)
-        self._end(updated.finished)
+            self.scheduler.fail(microbatch, ServiceError(StatusCode.INTERNAL,
+                                                         f"internal error: {error}"))
+        self._end([r for r in microbatch.requests if r.status is RequestStatus.FINISHED])
 
     async def _forward(self, microbatch: Microbatch) -> torch.Tensor:
         """The chain's output; UNAVAILABLE is retried with exponential backoff (stages are
@@ -235,11 +235,13 @@ class Engine:
         """Ends the streams of finished requests: their error (unless `announced` is
         False: the stream carries it already), then the end."""
         for request in finished:
+            stream = self._streams.pop(request, None)
+            if stream is None:  # ended already
+                continue
             outcome = request.error.code.value if request.error else "ok"
             metrics.REQUESTS.labels(outcome).inc()
             log_event("request_finished", request_id=request.request_id, outcome=outcome,
                       steps=request.step)
-            stream = self._streams.pop(request)
             if request.error is not None and announced:
                 stream.put_nowait(request.error)
             stream.put_nowait(None)

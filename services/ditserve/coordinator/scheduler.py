@@ -218,14 +218,16 @@ class Scheduler:
 
     def fail(self, microbatch: Microbatch, error: ServiceError) -> SchedulerOutput:
         """Ends the requests of a microbatch that failed (after the engine's retries)."""
-        return SchedulerOutput(finished=[self._finish(r, error) for r in microbatch.requests
-                                         if r.status is not RequestStatus.FINISHED])
+        unfinished = [r for r in microbatch.requests if r.status is not RequestStatus.FINISHED]
+        return SchedulerOutput(finished=[self._finish(r, error) for r in unfinished])
 
     def finish(self, request: Request, error: ServiceError | None = None) -> Request:
         """Ends a request whose images are made (or failed to be)."""
         return self._finish(request, error)
 
     def _finish(self, request: Request, error: ServiceError | None) -> Request:
+        if request.status is RequestStatus.FINISHED:  # once: the first reason stands
+            return request
         if request in self.waiting:
             self.waiting.remove(request)
         if request in self.ready:
