@@ -47,5 +47,6 @@ class UserError(Exception):
     """A mistake the user can fix; the message says what and where, in one line."""
 
 
-class CommandError(UserError):
-    """A command's arguments that cannot work (a flag's value, a missing option)."""
+class CommandError(UserError, ValueError):
+    """A command's arguments that cannot work (a flag's value, a missing option); a
+    ValueError too, as these were before, for callers that catch that."""
