@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from ditserve.common.status import CommandError, UserError
+
 # Subcommand → module under ditserve.entrypoints, in the order `--help` lists them.
 SUBCOMMANDS = {
     "generate": "generate",
@@ -28,8 +30,7 @@ SUBCOMMANDS = {
 }
 
 
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
+__all__ = ["CommandError", "UserError", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,14 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"(pip install 'ditserve[server]'): no module {missing.name}", file=sys.stderr)
             return 2
         raise
-    except (CommandError, ValueError, FileNotFoundError) as error:
+    except UserError as error:  # configuration, checkpoint, start-up or command: one line
         print(f"ditserve {args.command}: {error}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    # `python -m ditserve.cli` runs this file as __main__, a second copy of the module:
-    # call the imported one, so that its CommandError is the one subcommands raise.
-    from ditserve.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -8,15 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-WIRE_DTYPES = ("bf16", "fp16", "fp32")
+from ditserve.common.status import UserError
+
+# The spellings of a choice, shared by the config, the codec, the samplers, the
+# coordinator's request spec and the command-line flags.
+WireDtype = Literal["bf16", "fp16", "fp32"]
+"""Activation dtype between stages."""
+SamplerName = Literal["ddpm", "ddim", "dpm-solver++"]
+"""A sampler of sampling/registry.py."""
+GuidanceChannels = Literal["first3", "all"]
+"""The eps channels guidance applies to: the reference's first 3, or all."""
+PreviewMode = Literal["none", "approximate", "decoded"]
+"""Previews during denoising: none, the linear latent→RGB map, or the VAE."""
+
+WIRE_DTYPES: tuple[WireDtype, ...] = get_args(WireDtype)
 
 
-class ConfigError(ValueError):
-    """A configuration value that is missing or wrong, with its dotted name."""
+class ConfigError(UserError, ValueError):
+    """A configuration value that is missing or wrong, with its dotted name (a ValueError
+    too, as before, for callers that catch that)."""
 
 
 @dataclass
@@ -30,7 +46,9 @@ class ModelConfig:
     """Config name such as "DiT-XL/2", needed only when the file cannot tell (official .pt
     files of non-standard shapes)."""
     class_names: str = ""
-    """Optional file of class names, one per line; ImageNet names for 1000-class models."""
+    """Optional file of class names, one per line. Empty: the checkpoint's own
+    (`class_names.txt` beside the file, as the demo model ships them), else the ImageNet
+    names for 1000-class models, else "class N"."""
 
 
 @dataclass
@@ -67,7 +85,7 @@ class CoordinatorConfig:
     """Microbatches kept in flight along the chain; 0 means the number of stages."""
     max_images_per_request: int = 16
     """Most class labels one request may ask for."""
-    default_sampler: str = "ddpm"
+    default_sampler: SamplerName = "ddpm"
     """Sampler of requests that name none: "ddpm", "ddim" or "dpm-solver++"."""
     default_guidance_scale: float = 4.0
     """Guidance scale of requests that give none (1 disables guidance)."""
@@ -105,7 +123,7 @@ class PipelineConfig:
     """The DiT served."""
     stages: list[StageConfig] = field(default_factory=list)
     """Stages in chain order; their block ranges must tile the model."""
-    wire_dtype: str = "bf16"
+    wire_dtype: WireDtype = "bf16"
     """Activation dtype between stages: "bf16", "fp16" or "fp32"."""
     max_batch_size: int = 32
     """Most rows a stage accepts in one microbatch."""
@@ -115,8 +133,7 @@ class PipelineConfig:
     """The decoder."""
 
     def validate(self) -> PipelineConfig:
-        if self.wire_dtype not in WIRE_DTYPES:
-            raise ConfigError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
+        _check_types(self, "")
         if not self.stages:
             raise ConfigError("stages: at least one stage is needed")
         explicit = [bool(s.blocks) for s in self.stages]
@@ -151,6 +168,44 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: {error}") from None
 
 
+def _check_types(config: Any, where: str) -> None:
+    """Every field of a config dataclass (and of those nested in it) against its type
+    hint: a Literal's choices, int, float, str, bool, or None where the hint allows it."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, name = getattr(config, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            _check_types(value, name)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                _check_types(item, f"{name}[{i}]")
+        elif not _fits(value, hints[f.name]):
+            raise ConfigError(f"{name} must be {_describe(hints[f.name])}, got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is Literal:
+        return value in get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in get_args(hint))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(hint, str(hint))
+
+
 def _value(f: dataclasses.Field, value: Any, where: str) -> Any:
     nested = {"model": ModelConfig, "coordinator": CoordinatorConfig, "decoder": DecoderConfig}
     if f.name in nested and f.type in (nested[f.name].__name__, nested[f.name]):
@@ -178,7 +233,7 @@ def load_config(path: str | Path) -> PipelineConfig:
 
 
 def local_config(num_stages: int, base_port: int, checkpoint: str = "",
-                 wire_dtype: str = "bf16", vae: str = "") -> PipelineConfig:
+                 wire_dtype: WireDtype = "bf16", vae: str = "") -> PipelineConfig:
     """A loopback pipeline: coordinator at base_port, decoder +1, stages +2, +3, ..."""
     stages = [StageConfig(address=f"127.0.0.1:{base_port + 2 + i}") for i in range(num_stages)]
     return PipelineConfig(

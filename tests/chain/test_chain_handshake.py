@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from ditserve.chain import ChainError, ErrorCode, StageDescription, check_chain
+from ditserve.chain import check_chain
+from ditserve.common.status import ServiceError, StatusCode
+from ditserve.stage.runner import StageDescription
 
 
 def _chain(ranges=((0, 2), (2, 3), (3, 4)), wire="BF16") -> list[StageDescription]:
@@ -40,16 +42,16 @@ def _with(stage: int, **changes) -> list[StageDescription]:
     (_with(1, serving=False), r"stage 1 .*not serving"),
 ])
 def test_mismatch_is_failed_precondition_naming_the_stage(chain, words):
-    with pytest.raises(ChainError, match=words) as caught:
+    with pytest.raises(ServiceError, match=words) as caught:
         check_chain(chain)
-    assert caught.value.code is ErrorCode.FAILED_PRECONDITION
+    assert caught.value.code is StatusCode.FAILED_PRECONDITION
 
 
 def test_expected_wire_dtype_is_enforced():
-    with pytest.raises(ChainError, match=r"stage 0 .*wire dtype BF16 differs from FP32"):
+    with pytest.raises(ServiceError, match=r"stage 0 .*wire dtype BF16 differs from FP32"):
         check_chain(_chain(), expected_wire_dtype="FP32")
 
 
 def test_empty_chain_fails():
-    with pytest.raises(ChainError, match="no stages"):
+    with pytest.raises(ServiceError, match="no stages"):
         check_chain([])

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 import torch
-from ditserve.chain import ChainError, ErrorCode, check_chain
+from ditserve.chain import check_chain
 from ditserve.chain.local import LocalChain
+from ditserve.common.status import ServiceError, StatusCode
 from numerics import FORWARD_BF16_WIRE, FORWARD_FP32, assert_scaled_close
 
 
@@ -21,9 +22,11 @@ def _inputs(config, n=3, seed=0):
 
 async def _forward(chain, *inputs):
     try:
-        return await chain.forward(*inputs)
+        out, seconds = await chain.forward(*inputs)
     finally:
         await chain.close()
+    assert len(seconds) == len(chain.runners) and all(s > 0 for s in seconds)
+    return out
 
 
 @pytest.mark.parametrize("stages", [1, 2, 4])
@@ -47,6 +50,28 @@ def test_bf16_wire_from_checkpoint_within_tolerance(tiny_checkpoint, tiny_model)
 def test_bad_label_is_invalid_argument(tiny_model):
     x, t, y = _inputs(tiny_model.config)
     y[1] = 11  # 10 classes + null = 11 rows: 11 is out of range
-    with pytest.raises(ChainError, match=r"y: class labels must lie in \[0, 10\]") as caught:
+    with pytest.raises(ServiceError, match=r"y: class labels must lie in \[0, 10\]") as caught:
         asyncio.run(_forward(LocalChain.from_model(tiny_model, 2), x, t, y))
-    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert caught.value.code is StatusCode.INVALID_ARGUMENT
+
+
+def test_from_checkpoint_opens_the_file_once_for_every_stage(tiny_checkpoint, monkeypatch):
+    opened = _count_opens(monkeypatch)
+    chain = LocalChain.from_checkpoint(str(tiny_checkpoint), 3, "fp32")
+    asyncio.run(chain.close())
+    assert opened == [str(tiny_checkpoint)]
+
+
+def _count_opens(monkeypatch) -> list[str]:
+    """Records every safetensors file the checkpoint readers open."""
+    from ditserve.model import checkpoint
+
+    opened: list[str] = []
+    real = checkpoint.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", counting)
+    return opened

@@ -1,4 +1,5 @@
-"""Helpers of the coordinator tests: an instrumented chain wrapper and request runners."""
+"""Helpers of the coordinator tests: an instrumented chain wrapper, a microbatch recorder
+and request runners."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from ditserve.chain.base import ChainError, ErrorCode
-from ditserve.chain.local import LocalChain
+from ditserve.chain import ChainOutput, LocalChain
+from ditserve.common.status import ServiceError, StatusCode
 from ditserve.coordinator.engine import Engine
 from ditserve.coordinator.request import Progress, Result
+from ditserve.coordinator.scheduler import SchedulerOutput
 from ditserve.coordinator.spec import GenerationSpec
 from ditserve.model import DiT
 
@@ -25,30 +27,45 @@ class ModelChain:
         self.inner = LocalChain.from_model(model, stages=stages, wire_dtype=wire_dtype)
         self.delay = delay
         self.calls: list[dict] = []
-        self.failures: list[ChainError] = []
+        self.failures: list[ServiceError] = []
         self.poisoned: set[str] = set()
         """Every call holding one of these request ids fails UNAVAILABLE."""
 
     async def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                      request_ids: Sequence[str] = ()) -> torch.Tensor:
+                      request_ids: Sequence[str] = ()) -> ChainOutput:
         self.calls.append({"ids": list(request_ids), "t": t.tolist(), "rows": len(t),
                            "at": time.monotonic()})
         if self.failures:
             raise self.failures.pop(0)
         if self.poisoned & set(request_ids):
-            raise ChainError(ErrorCode.UNAVAILABLE, "injected failure of a poisoned request")
+            raise ServiceError(StatusCode.UNAVAILABLE, "injected failure of a poisoned request")
         if self.delay:
             await asyncio.sleep(self.delay)
         return await self.inner.forward(x, t, y, request_ids)
 
-    def fail_next(self, count: int, code: ErrorCode = ErrorCode.UNAVAILABLE) -> None:
-        self.failures += [ChainError(code, "injected failure")] * count
+    def fail_next(self, count: int, code: StatusCode = StatusCode.UNAVAILABLE) -> None:
+        self.failures += [ServiceError(code, "injected failure")] * count
 
     async def describe(self) -> list:
         return await self.inner.describe()
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+def record_microbatches(engine: Engine) -> list[list[tuple[str, int]]]:
+    """Records every microbatch the engine's scheduler plans, as [(request_id, step), ...]
+    (the step each request is at), by wrapping `schedule` from the outside."""
+    log: list[list[tuple[str, int]]] = []
+    schedule = engine.scheduler.schedule
+
+    def recorded(free_slots: int, now: float) -> SchedulerOutput:
+        planned = schedule(free_slots, now)
+        log.extend([(r.request_id, r.step) for r in mb.requests] for mb in planned.microbatches)
+        return planned
+
+    engine.scheduler.schedule = recorded
+    return log
 
 
 def spec(labels: Sequence[int], seed: int = 0, sampler: str = "ddim", steps: int = 6,
@@ -65,7 +82,7 @@ class Outcome:
 
     progress: list[Progress] = field(default_factory=list)
     result: Result | None = None
-    error: ChainError | None = None
+    error: ServiceError | None = None
 
 
 async def collect(engine: Engine, request: GenerationSpec, delay: float = 0.0) -> Outcome:
@@ -78,6 +95,6 @@ async def collect(engine: Engine, request: GenerationSpec, delay: float = 0.0) -
                 outcome.progress.append(event)
             elif isinstance(event, Result):
                 outcome.result = event
-    except ChainError as error:
+    except ServiceError as error:
         outcome.error = error
     return outcome

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ditserve.chain.base import ChainError, ErrorCode
+from ditserve.common.status import ServiceError, StatusCode
 from ditserve.config import CoordinatorConfig
-from ditserve.coordinator.engine import Engine, QueueFull
+from ditserve.coordinator.engine import Engine
 from ditserve.coordinator.outputs import OutputMaker
+from ditserve.coordinator.scheduler import QueueFull
 from ditserve.model import load_dit
 from ditserve_client.proto.dit.v1 import image_pb2
 from numerics import assert_scaled_close, sampling_bound
 
-from .helpers import ModelChain, collect, spec
+from .helpers import ModelChain, collect, record_microbatches, spec
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference"
 
@@ -73,11 +74,11 @@ def test_same_latents_alone_and_batched_with_others_at_other_steps(model):
 
     async def batched():
         engine, _ = make_engine(model, max_rows_per_microbatch=32)
-        engine.microbatch_log = []
+        log = record_microbatches(engine)
         outcomes = await asyncio.gather(*[collect(engine, s, delay=0.004 * i)
                                           for i, s in enumerate(others)],
                                         collect(engine, target, delay=0.01))
-        return outcomes, engine.microbatch_log
+        return outcomes, log
 
     single = run(alone())
     outcomes, log = run(batched())
@@ -92,7 +93,7 @@ def test_same_latents_alone_and_batched_with_others_at_other_steps(model):
 @pytest.mark.parametrize("wire, tolerance", [("fp32", sampling_bound(8, 4.0)), ("bf16", 0.02)])
 def test_same_latents_through_1_and_3_stages(model, wire, tolerance):
     """Tolerance: largest difference / largest magnitude of the latents. fp32: rounding
-    only. bf16 activations between stages (DESIGN §5) round each hop to 8 bits of
+    only. bf16 activations between stages (docs/ARCHITECTURE.md §5) round each hop to 8 bits of
     mantissa; this random-weight model amplifies that to ~0.6% after 8 guided ddpm steps
     (its latents grow to ~500), so the documented bf16 bound is 2%."""
     request = spec([2, 5], seed=3, sampler="ddpm", steps=8)
@@ -113,10 +114,10 @@ def test_same_latents_through_1_and_3_stages(model, wire, tolerance):
 def test_microbatches_mix_requests_at_different_steps(model):
     async def main():
         engine, chain = make_engine(model, delay=0.01)
-        engine.microbatch_log = []
+        log = record_microbatches(engine)
         await asyncio.gather(*[collect(engine, spec([i], seed=i, steps=10), delay=0.03 * i)
                                for i in range(4)])
-        return engine.microbatch_log, chain.calls
+        return log, chain.calls
 
     log, calls = run(main())
     mixed = [mb for mb in log if len({step for _, step in mb}) > 1]
@@ -128,7 +129,6 @@ def test_microbatches_mix_requests_at_different_steps(model):
 def test_microbatches_respect_max_rows_and_keep_requests_whole(model):
     async def main():
         engine, chain = make_engine(model, max_rows_per_microbatch=6, microbatches_in_flight=3)
-        engine.microbatch_log = []
         outcomes = await asyncio.gather(*[collect(engine, spec([1, 2], seed=i, steps=3))
                                           for i in range(5)])
         return outcomes, chain.calls
@@ -169,16 +169,16 @@ def test_cancelled_request_stops_within_one_step(model):
         await anext(events)  # step 1
         handle.cancel()
         steps_at_cancel = handle.steps_used
-        with pytest.raises(ChainError) as failure:
+        with pytest.raises(ServiceError) as failure:
             async for _ in events:
                 pass
         await asyncio.sleep(0.1)
         return failure.value, steps_at_cancel, handle.steps_used, engine
 
     error, at_cancel, final, engine = run(main())
-    assert error.code is ErrorCode.CANCELLED
+    assert error.code is StatusCode.CANCELLED
     assert final <= at_cancel + 1
-    assert engine._admitted == 0 and engine._active_rows == 0
+    assert engine.scheduler.num_admitted == 0 and engine.scheduler.active_rows == 0
 
 
 def test_deadline_is_honoured(model):
@@ -190,7 +190,7 @@ def test_deadline_is_honoured(model):
     # No wall-clock bound (the suite runs on loaded machines): the request must stop at a
     # step boundary long before its 500 steps.
     outcome = run(main())
-    assert outcome.error.code is ErrorCode.DEADLINE_EXCEEDED
+    assert outcome.error.code is StatusCode.DEADLINE_EXCEEDED
     assert 0 < len(outcome.progress) < 500
 
 
@@ -208,7 +208,7 @@ def test_queue_full_fails_fast_with_a_retry_hint(model):
         return refused.value, again
 
     refused, again = run(main())
-    assert refused.code is ErrorCode.RESOURCE_EXHAUSTED and refused.retry_after > 0
+    assert refused.code is StatusCode.RESOURCE_EXHAUSTED and refused.retry_after > 0
     assert again.error is None
 
 
@@ -257,20 +257,65 @@ def test_failures_hit_only_the_microbatch_that_failed(model):
             collect(engine, spec([2], seed=2, steps=4, request_id="bystander")))
 
     victim, bystander = run(main())
-    assert victim.error.code is ErrorCode.UNAVAILABLE
+    assert victim.error.code is StatusCode.UNAVAILABLE
     assert "unavailable after 2 attempts" in victim.error.message
     assert bystander.error is None and bystander.result is not None
+
+
+def test_non_finite_latents_fail_only_that_request(model):
+    """A guidance scale past the admission bound (specs built here skip that check)
+    overflows float32 at the first step. That request fails alone, with a message about
+    its own parameters; the one sharing its microbatch finishes."""
+    async def main():
+        engine, chain = make_engine(model, microbatches_in_flight=1)
+        outcomes = await asyncio.gather(
+            collect(engine, spec([1], seed=1, steps=4, scale=1e38, request_id="victim")),
+            collect(engine, spec([2], seed=2, steps=4, request_id="bystander")))
+        return outcomes, chain.calls
+
+    (victim, bystander), calls = run(main())
+    assert calls[0]["ids"] == ["victim", "bystander"]  # they shared a microbatch
+    assert victim.error.code is StatusCode.INVALID_ARGUMENT
+    assert "request victim" in victim.error.message
+    assert "guidance scale 1e+38" in victim.error.message
+    assert bystander.error is None and len(bystander.progress) == 4
+    assert bool(torch.isfinite(bystander.result.latents).all())
 
 
 def test_non_retryable_error_fails_its_requests_at_once(model):
     async def main():
         engine, chain = make_engine(model)
-        chain.fail_next(1, ErrorCode.INVALID_ARGUMENT)
+        chain.fail_next(1, StatusCode.INVALID_ARGUMENT)
         failed = await collect(engine, spec([1], steps=3))
         return failed, len(chain.calls)
 
     failed, calls = run(main())
-    assert failed.error.code is ErrorCode.INVALID_ARGUMENT and calls == 1
+    assert failed.error.code is StatusCode.INVALID_ARGUMENT and calls == 1
+
+
+def test_a_bug_in_a_step_fails_its_requests_and_the_engine_serves_on(model):
+    from ditserve.sampling import make_sampler
+
+    def sampler_factory(name: str, steps: int):
+        sampler = make_sampler(name, steps)
+        if steps == 3:  # the broken request's sampler
+            def broken(*args, **kwargs):
+                raise RuntimeError("sampler bug")
+            sampler.step = broken
+        return sampler
+
+    async def main():
+        chain = ModelChain(model)
+        engine = Engine(chain, model.config, CoordinatorConfig(), 1,
+                        sampler_factory=sampler_factory)
+        broken = await collect(engine, spec([1], steps=3))
+        fine = await collect(engine, spec([2], steps=4))
+        return broken, fine, engine
+
+    broken, fine, engine = run(main())
+    assert broken.error.code is StatusCode.INTERNAL and "sampler bug" in broken.error.message
+    assert fine.error is None and len(fine.progress) == 4
+    assert engine.scheduler.num_admitted == 0
 
 
 class SlowDecoder:

@@ -107,6 +107,7 @@ def test_model_info_lists_the_chain_and_classes(stub):
     ({"sampler": 9}, "sampler"),
     ({"guidance_scale": 0.5}, "guidance_scale"),
     ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"guidance_scale": 1e38}, "guidance_scale: must be a number from 1 to 10000"),
     ({"image_quality": 101}, "image_quality"),
     ({"guidance_channels": 7}, "guidance_channels"),
     ({"preview_mode": 9}, "preview_mode"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import find_free_port
-from ditserve.chain.base import ChainError, ErrorCode
+from ditserve.common.status import ServiceError, StatusCode
 from ditserve.decoder.client import DecoderClient, latents_to_proto
 from ditserve.decoder.decoder import VaeDecoder
 from ditserve_client.proto.dit.v1 import decoder_pb2, decoder_pb2_grpc, image_pb2, tensor_pb2
@@ -85,9 +85,9 @@ def test_bad_latents_are_invalid_argument_and_server_keeps_serving(server, tenso
 
 
 def test_label_count_mismatch_through_client_is_chain_error(server):
-    with pytest.raises(ChainError) as failure:
+    with pytest.raises(ServiceError) as failure:
         decode(server.address, random_latents(2), labels=[1])
-    assert failure.value.code is ErrorCode.INVALID_ARGUMENT
+    assert failure.value.code is StatusCode.INVALID_ARGUMENT
     assert "1 class labels for 2 latent rows" in failure.value.message
 
 

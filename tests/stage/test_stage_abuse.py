@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from ditserve.chain import ErrorCode
 from ditserve.common import channel_options
-from ditserve.common.errors import chain_error_from_status
+from ditserve.common.errors import error_from_status
+from ditserve.common.status import StatusCode
 from ditserve.wire import encode_frames
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
@@ -41,8 +41,8 @@ def _later_inputs(n: int = 2, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
     return [("h", torch.randn(n, 16, 64, generator=gen)), ("c", torch.randn(n, 64, generator=gen))]
 
 
-def _code(reply) -> ErrorCode | None:
-    return chain_error_from_status(reply.error).code if reply.HasField("error") else None
+def _code(reply) -> StatusCode | None:
+    return error_from_status(reply.error).code if reply.HasField("error") else None
 
 
 def _rss_kib(pid: int) -> int:
@@ -105,7 +105,7 @@ def test_announced_payloads_reserve_no_memory_and_overload_is_resource_exhausted
             s.send(_announce(i, big) for i in range(257))
         for s in streams:
             reply = s.next_reply()
-            assert reply.microbatch_id == 256 and _code(reply) is ErrorCode.RESOURCE_EXHAUSTED
+            assert reply.microbatch_id == 256 and _code(reply) is StatusCode.RESOURCE_EXHAUSTED
             assert "in flight" in reply.error.message
         during = _rss_kib(stage.proc.pid)
     finally:
@@ -130,11 +130,11 @@ def test_receive_budget_is_shared_across_streams(chain):
             holder.send(f for i in range(30) for f in
                         encode_frames(stage_pb2.ForwardRequest, i, big, chunk_bytes=1024)[:-1])
             surplus = holder.next_reply()
-            assert _code(surplus) is ErrorCode.RESOURCE_EXHAUSTED, surplus
+            assert _code(surplus) is StatusCode.RESOURCE_EXHAUSTED, surplus
             assert "its share of the receive buffers" in surplus.error.message
         probe.send(encode_frames(stage_pb2.ForwardRequest, 99, big, chunk_bytes=1024))
         reply = probe.next_reply()
-        assert reply.microbatch_id == 99 and _code(reply) is ErrorCode.RESOURCE_EXHAUSTED
+        assert reply.microbatch_id == 99 and _code(reply) is StatusCode.RESOURCE_EXHAUSTED
         assert "receive buffers full" in reply.error.message
     finally:
         for s in [*holders, probe]:
@@ -181,7 +181,7 @@ def test_non_finite_activations_are_refused_by_a_later_stage(chain):
         reply = s.next_reply()
     finally:
         s.close()
-    assert _code(reply) is ErrorCode.INVALID_ARGUMENT
+    assert _code(reply) is StatusCode.INVALID_ARGUMENT
     assert "h: activations hold NaN or infinity" in reply.error.message
 
 
@@ -204,7 +204,7 @@ def test_a_flood_on_one_stream_does_not_starve_another(chain):
                    for f in encode_frames(stage_pb2.ForwardRequest, i, _first_inputs(MAX_BATCH)))
         for _ in range(200):  # one reply per flood microbatch
             reply = flood.next_reply()
-            if _code(reply) is ErrorCode.RESOURCE_EXHAUSTED:
+            if _code(reply) is StatusCode.RESOURCE_EXHAUSTED:
                 refused += 1
                 continue
             assert _code(reply) is None, reply
@@ -221,7 +221,7 @@ def test_a_flood_on_one_stream_does_not_starve_another(chain):
     assert computed.index("victim") < len(computed) - 1, computed  # before the flood ended
 
 
-def _forward_once(address: str) -> ErrorCode | None:
+def _forward_once(address: str) -> StatusCode | None:
     s = Stream(address)
     try:
         s.send(encode_frames(stage_pb2.ForwardRequest, 1, _first_inputs(2)))

@@ -16,10 +16,11 @@ from collections import defaultdict
 import grpc
 import pytest
 import torch
-from ditserve.chain import ChainError, ErrorCode, check_chain
+from ditserve.chain import check_chain
 from ditserve.chain.remote import RemoteChain
-from ditserve.common import channel_options
-from ditserve.common.errors import chain_error_from_status
+from ditserve.common.errors import error_from_status
+from ditserve.common.grpc_options import channel_options
+from ditserve.common.status import ServiceError, StatusCode
 from ditserve.wire import FrameAssembler, encode_frames
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -69,7 +70,7 @@ def test_chain_equals_monolithic_forward(chains, tiny_model, stages, wire, bound
 
     async def work(chain):
         check_chain(await chain.describe(), expected_wire_dtype=wire.upper())
-        return await chain.forward(x, t, y)
+        return (await chain.forward(x, t, y)).out
     out = asyncio.run(_with_chain(address, work))
     reference = tiny_model(x, t, y)
     assert out.dtype == torch.float32 and out.shape == reference.shape
@@ -81,7 +82,7 @@ def test_32_microbatches_in_flight_come_back_matched_by_id(chains, tiny_model):
     batches = [_inputs(tiny_model.config, 1 + i % 4, seed=100 + i) for i in range(32)]
 
     async def work(chain):
-        return await asyncio.gather(*(chain.forward_timed(*b, request_ids=[f"r{i}"])
+        return await asyncio.gather(*(chain.forward(*b, request_ids=[f"r{i}"])
                                       for i, b in enumerate(batches)))
     results = asyncio.run(_with_chain(address, work))
     for (out, seconds), batch in zip(results, batches, strict=True):
@@ -103,7 +104,7 @@ def _stream(address: str, frames: list) -> dict[int, list]:
 def _outcome(frames: list):
     """'INVALID_ARGUMENT' etc. for an error reply, else the reply's tensors."""
     if frames[0].HasField("error"):
-        return chain_error_from_status(frames[0].error).code
+        return error_from_status(frames[0].error).code
     assembler, done = FrameAssembler(), None
     for frame in frames:
         done = assembler.add(frame) or done
@@ -169,7 +170,7 @@ def test_malformed_microbatches_get_invalid_argument_and_others_carry_on(
     assert set(replies) == {1000, *range(len(kinds))}
     for i, kind in enumerate(kinds):
         assert len(replies[i]) == 1, kind
-        assert _outcome(replies[i]) is ErrorCode.INVALID_ARGUMENT, kind
+        assert _outcome(replies[i]) is StatusCode.INVALID_ARGUMENT, kind
     assert_scaled_close(_outcome(replies[1000])["out"], tiny_model(x, t, y), FORWARD_FP32)
 
 
@@ -193,7 +194,7 @@ def test_middle_stage_rejects_bad_activations_and_still_serves(chains, tiny_mode
 def test_stage_serves_after_malformed_input(chains, tiny_model):
     address = chains(3)[0].address
     x, t, y = _inputs(tiny_model.config, 3, seed=11)
-    out = asyncio.run(_with_chain(address, lambda chain: chain.forward(x, t, y)))
+    out = asyncio.run(_with_chain(address, lambda chain: chain.forward(x, t, y)))[0]
     assert_scaled_close(out, tiny_model(x, t, y), FORWARD_FP32)
 
 
@@ -213,7 +214,7 @@ def test_killed_middle_stage_fails_in_flight_then_chain_heals(chains, launcher, 
         middle.kill()
         return await asyncio.gather(*calls, return_exceptions=True)
     results = asyncio.run(_with_chain(chain[0].address, in_flight_then_kill))
-    assert all(isinstance(r, ChainError) and r.code is ErrorCode.UNAVAILABLE for r in results)
+    assert all(isinstance(r, ServiceError) and r.code is StatusCode.UNAVAILABLE for r in results)
 
     restarted = launcher.start(middle.name, middle.args, middle.address)  # same port
     chain[1] = restarted
@@ -222,9 +223,9 @@ def test_killed_middle_stage_fails_in_flight_then_chain_heals(chains, launcher, 
         deadline = time.monotonic() + 15
         while True:
             try:
-                return await remote.forward(x, t, y)
-            except ChainError as error:
-                assert error.code is ErrorCode.UNAVAILABLE
+                return (await remote.forward(x, t, y)).out
+            except ServiceError as error:
+                assert error.code is StatusCode.UNAVAILABLE
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)

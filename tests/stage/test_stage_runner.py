@@ -81,3 +81,38 @@ def test_compute_runs_on_one_dedicated_thread(first):
     finally:
         hook.remove()
     assert len(seen) == 1 and next(iter(seen)).startswith("compute")
+
+
+def test_a_runner_over_the_whole_model_runs_a_view_of_its_own_slice(tiny_model):
+    runner = StageRunner(tiny_model, (1, 3), 1, 3, "fp32")
+    try:
+        assert list(runner.model.blocks) == ["1", "2"]
+        assert runner.model.blocks["1"] is tiny_model.blocks["1"]  # shared, not copied
+        assert not runner.model.has_embedders and not runner.model.has_final_layer
+        h = torch.randn(2, 16, 64)
+        c = torch.randn(2, 64)
+        (_, h_out), _ = runner.compute({"h": h, "c": c})
+        expected = tiny_model.blocks["2"](tiny_model.blocks["1"](h, c), c)
+        torch.testing.assert_close(h_out, expected, rtol=0, atol=0)
+    finally:
+        runner.close()
+
+
+def test_a_stage_process_opens_its_checkpoint_once(tiny_checkpoint, monkeypatch):
+    """The stage command reads the depth and the server loads the slice from one reader."""
+    import argparse
+
+    from ditserve.entrypoints.stage import _from_flags
+    from ditserve.model import checkpoint
+    from ditserve.stage.server import _load
+
+    opened: list[str] = []
+    real = checkpoint.safe_open
+    monkeypatch.setattr(checkpoint, "safe_open",
+                        lambda path, *a, **k: opened.append(str(path)) or real(path, *a, **k))
+    args = argparse.Namespace(checkpoint=str(tiny_checkpoint), stage=1, stages=2, listen="l:1",
+                              blocks=None, model=None, next=None, device=None, wire_dtype=None,
+                              max_batch=None, metrics_port=None)
+    runner = _load(_from_flags(args))
+    runner.close()
+    assert opened == [str(tiny_checkpoint)] and (runner.block_start, runner.block_end) == (2, 4)

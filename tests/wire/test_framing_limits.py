@@ -54,7 +54,7 @@ def test_the_budget_is_shared_and_a_stream_keeps_to_its_share():
     with pytest.raises(WireOverload, match="its share") as refused:
         for frame in _frames(1, rows=3):  # 3 KiB > its 2 KB share
             greedy.add(frame)
-    assert refused.value.to_chain_error().code.value == "RESOURCE_EXHAUSTED"
+    assert refused.value.to_service_error().code.value == "RESOURCE_EXHAUSTED"
     assert budget.used == 0  # the failed microbatch gave its bytes back
     for frame in _frames(2, rows=1):
         greedy.add(frame)  # 1 KiB held

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from ditserve.chain.base import ErrorCode
+from ditserve.common.status import StatusCode
 from ditserve.wire import DTYPES, FrameAssembler, WireError, decode_tensor, encode_frames
 from ditserve.wire.codec import encode_tensor
 from ditserve_client.proto.dit.v1 import stage_pb2
@@ -106,7 +106,7 @@ def test_malformed_frames_raise_wire_error_naming_the_problem(frames, words):
     assembler = FrameAssembler(max_payload_bytes=1 << 20)
     with pytest.raises(WireError, match=words) as caught:
         _assemble(frames, assembler)
-    assert caught.value.to_chain_error().code is ErrorCode.INVALID_ARGUMENT
+    assert caught.value.to_service_error().code is StatusCode.INVALID_ARGUMENT
     assert caught.value.microbatch_id == frames[-1].microbatch_id
 
 

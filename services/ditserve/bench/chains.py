@@ -7,7 +7,6 @@ that the timed rounds can alternate between them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ditserve.chain.base import ChainOutput
 from ditserve.chain.local import LocalChain
 from ditserve.chain.remote import RemoteChain
 from ditserve.model import DiT
@@ -39,22 +39,15 @@ class Variant:
 
 
 class TimedLocalChain(LocalChain):
-    """LocalChain that reports its compute seconds as RemoteChain.forward_timed does, and
-    computes with `threads` torch threads (0: the process's setting)."""
+    """LocalChain that computes with `threads` torch threads (0: the process's setting)."""
 
     threads: int = 0
 
-    def _run(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _run(self, tensors: dict[str, torch.Tensor]) -> ChainOutput:
         # torch's thread count is per OS thread (OpenMP): set it on the compute thread.
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         return super()._run(tensors)
-
-    async def forward_timed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                            request_ids: Sequence[str] = ()) -> tuple[torch.Tensor, list[float]]:
-        began = time.perf_counter()
-        out = await self.forward(x, t, y, request_ids)
-        return out, [time.perf_counter() - began]
 
 
 async def open_variants(stack: AsyncExitStack, model: DiT, checkpoint: Path,
@@ -89,7 +82,7 @@ async def forward(variant: Variant, x: torch.Tensor, t: torch.Tensor,
 async def forward_seconds(variant: Variant, x: torch.Tensor, t: torch.Tensor,
                           y: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     """As `forward`, also returning each stage's compute seconds for this call."""
-    out, seconds = await variant.chain.forward_timed(x, t, y)
+    out, seconds = await variant.chain.forward(x, t, y)
     if not variant.busy:
         variant.busy = [0.0] * len(seconds)
     for k, s in enumerate(seconds):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from ditserve.common.status import CommandError
+
 from . import distribution, peer, throughput
 from .report import Report
 
 
-class NoGPU(ValueError):
+class NoGPU(CommandError):
     """No CUDA device: the GPU scenario cannot run here."""
 
 

@@ -1,21 +1,14 @@
 """Stage chains: the interface the coordinator drives, in-process and remote.
 
-`LocalChain` (local.py) and `RemoteChain` (remote.py) import torch and grpc; import them
-from their modules, or lazily through this package (`from ditserve.chain import
-RemoteChain`)."""
+base.py (the StageChain interface and its ChainOutput) ← local.py (StageRunners in this
+process) and remote.py (a relay chain of stage workers, through stage 0); handshake.py
+checks a chain end to end before the coordinator serves it. The chain depends on the
+stage package (its runner and its client), never the other way round.
+"""
 
-from .base import ChainError, ErrorCode, MicrobatchTiming, StageChain, StageDescription
+from .base import ChainOutput, StageChain
 from .handshake import check_chain
+from .local import LocalChain
+from .remote import RemoteChain
 
-__all__ = ["ChainError", "ErrorCode", "LocalChain", "MicrobatchTiming", "RemoteChain",
-           "StageChain", "StageDescription", "check_chain"]
-
-
-def __getattr__(name: str):
-    if name == "LocalChain":
-        from .local import LocalChain
-        return LocalChain
-    if name == "RemoteChain":
-        from .remote import RemoteChain
-        return RemoteChain
-    raise AttributeError(name)
+__all__ = ["ChainOutput", "LocalChain", "RemoteChain", "StageChain", "check_chain"]

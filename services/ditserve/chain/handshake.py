@@ -1,4 +1,4 @@
-"""The coordinator's end-to-end check of a chain before serving (DESIGN §5).
+"""The coordinator's end-to-end check of a chain before serving (docs/ARCHITECTURE.md §5).
 
 Every stage must serve the same model (config and weight hash) with the same wire dtype,
 the stages must come in index order, and their block ranges must tile 0..depth exactly
@@ -9,22 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import ChainError, ErrorCode, StageDescription
+from ditserve.common.status import ServiceError, StatusCode
+
+from .base import StageDescription
 
 
-def _mismatch(stage: StageDescription, what: str) -> ChainError:
+def _mismatch(stage: StageDescription, what: str) -> ServiceError:
     where = f"stage {stage.stage_index}" + (f" ({stage.address})" if stage.address else "")
-    return ChainError(ErrorCode.FAILED_PRECONDITION, f"{where}: {what}")
+    return ServiceError(StatusCode.FAILED_PRECONDITION, f"{where}: {what}")
 
 
-def check_chain(stages: Sequence[StageDescription],
-                expected_wire_dtype: str | None = None) -> None:
-    """Raises ChainError(FAILED_PRECONDITION) unless `stages` form one consistent chain."""
+def check_chain(stages: Sequence[StageDescription], expected_wire_dtype: str | None = None,
+                require_serving: bool = True) -> None:
+    """Raises ServiceError(FAILED_PRECONDITION) unless `stages` form one consistent chain
+    (of serving stages, unless `require_serving` is False: a chain still starting)."""
     if not stages:
-        raise ChainError(ErrorCode.FAILED_PRECONDITION, "the chain reported no stages")
+        raise ServiceError(StatusCode.FAILED_PRECONDITION, "the chain reported no stages")
     first = stages[0]
     for position, stage in enumerate(stages):
         _check_identity(stage, first, position, len(stages), expected_wire_dtype)
+        if require_serving and not stage.serving:
+            raise _mismatch(stage, "is not serving (weights not loaded or not warmed up)")
     _check_tiling(stages)
 
 
@@ -44,8 +49,6 @@ def _check_identity(stage: StageDescription, first: StageDescription, position: 
     wanted = expected_wire_dtype or first.wire_dtype
     if stage.wire_dtype.upper() != wanted.upper():
         raise _mismatch(stage, f"wire dtype {stage.wire_dtype} differs from {wanted.upper()}")
-    if not stage.serving:
-        raise _mismatch(stage, "is not serving (weights not loaded or not warmed up)")
 
 
 def _check_tiling(stages: Sequence[StageDescription]) -> None:

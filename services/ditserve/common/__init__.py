@@ -1,10 +1,6 @@
-"""What every ditserve service shares: one server lifecycle, gRPC options, errors, logs,
-metrics. See lifecycle.py for the recipe."""
+"""What every ditserve service shares, one module per concept (import them by name):
+status.py (the one status type, and the user-error base; no dependencies), errors.py
+(that status on gRPC), lifecycle.py (one server lifecycle; see it for the recipe),
+grpc_options.py, logs.py, metrics.py.
 
-from .errors import chain_error_from_status, status_proto, to_grpc_status
-from .grpc_options import MAX_MESSAGE_BYTES, channel_options, server_options
-from .lifecycle import ServiceLifecycle
-from .logs import configure_logging, log_event
-
-__all__ = ["MAX_MESSAGE_BYTES", "ServiceLifecycle", "chain_error_from_status", "channel_options",
-           "configure_logging", "log_event", "server_options", "status_proto", "to_grpc_status"]
+Nothing is imported here, so that the client-only install can use `common.status`."""

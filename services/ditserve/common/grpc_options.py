@@ -1,5 +1,5 @@
 """Message size limits, keepalive and port ownership, the same on every server and channel
-(DESIGN §5/§6).
+(docs/ARCHITECTURE.md §5, §6).
 
 Limits are explicit so that a peer's misconfiguration fails loudly with RESOURCE_EXHAUSTED
 rather than at grpc's 4 MiB default. Keepalive pings detect a dead peer (a killed pod) in

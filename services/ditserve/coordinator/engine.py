@@ -1,55 +1,76 @@
-"""The denoising engine: admission, step-level continuous batching, stepping, decoding.
+"""The engine: the async driver around the Scheduler (vLLM v1's EngineCore).
 
-Plain asyncio, no gRPC. Requests are admitted into a bounded FIFO queue, promoted to the
-active set while their rows fit the pipeline (max rows per microbatch x microbatches in
-flight), and stepped one model call at a time. `_pump` runs whenever something changes
-(a request arrives, a microbatch returns, a request is cancelled or expires): it retires
-stopped requests at this step boundary and fills every free pipeline slot with a
-microbatch of ready requests, so that as soon as one microbatch returns its requests
-are stepped and can ride in the next one, with no global barrier between steps (the
-scheme of Orca's iteration-level scheduling and StreamDiffusion's stream batching,
-applied to pipeline stages as in GPipe).
+It owns what the scheduler must not: the event loop, the chain, retries, the decoder,
+metrics and each request's event stream. Whenever something changes (a request arrives,
+a microbatch returns, a request is cancelled or its deadline passes) it asks the
+scheduler for microbatches to fill the free pipeline slots, runs each on the chain, and
+hands the output back to `Scheduler.update`; as soon as a microbatch returns, its
+requests can ride in the next one, with no barrier between steps.
+
+A request's stream is a queue of events in step order: an event that takes time (a
+decoded preview, the final images) is queued as a task at its step, and the reader
+awaits each in turn, so the order holds by construction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import torch
 
-from ditserve.chain.base import ChainError, ErrorCode, StageChain
+from ditserve.chain.base import StageChain
 from ditserve.common.logs import log_event
+from ditserve.common.status import ServiceError, StatusCode
 from ditserve.config import CoordinatorConfig
 from ditserve.model import DiTConfig
-from ditserve.sampling import Sampler, apply_guidance, make_sampler
+from ditserve.sampling import make_sampler
 
 from . import metrics
-from .batching import plan_group, split_output, stack_inputs
 from .outputs import OutputMaker
-from .request import Accepted, Progress, RequestHandle, RequestState, Result
+from .request import Accepted, Event, Progress, Request, RequestStatus, Result
+from .scheduler import Microbatch, QueueFull, SamplerFactory, Scheduler, StepOutput
 from .spec import GenerationSpec
 
 RETRY_BASE_SECONDS = 0.2
 """First backoff after an UNAVAILABLE microbatch; doubles each retry."""
 RETRY_MAX_SECONDS = 3.0
-QUEUE_RETRY_SECONDS = 1.0
-"""Retry hint given to clients refused because the queue is full."""
 
-SamplerFactory = Callable[[str, int], Sampler]
+StreamItem = Event | ServiceError | asyncio.Task | None
+"""What a request's queue holds: an event, a task making one, its failure, or None (end)."""
+
+__all__ = ["Engine", "QueueFull", "RequestHandle"]
 
 
-class QueueFull(ChainError):
-    """Admission refused: the queue holds max_queued_requests already."""
+class RequestHandle:
+    """What a caller holds: the request's events, and a way to cancel it."""
 
-    def __init__(self, limit: int, retry_after: float = QUEUE_RETRY_SECONDS):
-        super().__init__(ErrorCode.RESOURCE_EXHAUSTED,
-                         f"the coordinator's queue is full ({limit} requests); retry in "
-                         f"{retry_after:g} s")
-        self.retry_after = retry_after
+    def __init__(self, request: Request, stream: asyncio.Queue[StreamItem],
+                 cancel: Callable[[Request], None]):
+        self._request, self._stream, self._cancel = request, stream, cancel
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    @property
+    def steps_used(self) -> int:
+        return self._request.steps_used
+
+    def cancel(self) -> None:
+        """Stops the request at the next step boundary (the client went away)."""
+        self._cancel(self._request)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Accepted, Progress..., Result; a failure is raised as ServiceError."""
+        while (item := await self._stream.get()) is not None:
+            # shield: a reader that goes away must not cancel a decode others wait for
+            event = await asyncio.shield(item) if isinstance(item, asyncio.Task) else item
+            if isinstance(event, ServiceError):
+                raise event
+            yield event
 
 
 class Engine:
@@ -60,259 +81,185 @@ class Engine:
                  sampler_factory: SamplerFactory | None = None):
         self.chain, self.model, self.config = chain, model, config
         self.slots = config.microbatches_in_flight or num_stages
+        self.scheduler = Scheduler(model, config, self.slots, sampler_factory or make_sampler)
         self.outputs = outputs or OutputMaker(None)
-        self.make_sampler = sampler_factory or make_sampler
-        self._waiting: deque[RequestState] = deque()
-        self._ready: list[RequestState] = []
-        self._active_rows = 0
-        self._active = 0
-        self._in_flight = 0
-        self._admitted = 0
-        self._pump_scheduled = False
+        self._streams: dict[Request, asyncio.Queue[StreamItem]] = {}
+        self._microbatches: set[asyncio.Task] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._wake_pending = False
         self.stage_busy_seconds: list[float] = []
         """Compute seconds of each stage for this engine's microbatches (utilisation)."""
-        self.microbatch_log: list[list[tuple[str, int]]] | None = None
-        """When a list, each launched microbatch appends [(request_id, step), ...] (tests)."""
-
-    @property
-    def capacity_rows(self) -> int:
-        """Rows denoised at once: every pipeline slot full."""
-        return self.config.max_rows_per_microbatch * self.slots
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Microbatches on the chain now."""
+        return len(self._microbatches)
 
     def submit(self, spec: GenerationSpec) -> RequestHandle:
         """Admits a request (or raises QueueFull at once) and starts it when rows free up."""
-        if self._admitted >= self.config.max_queued_requests:
-            metrics.REQUESTS.labels("RESOURCE_EXHAUSTED").inc()
-            raise QueueFull(self.config.max_queued_requests)
-        shape = (self.model.in_channels, self.model.input_size, self.model.input_size)
-        state = RequestState(spec, self.make_sampler(spec.sampler, spec.num_steps), shape)
-        self._admitted += 1
-        state.emit(Accepted(spec.request_id, len(self._waiting), spec))
-        self._waiting.append(state)
-        self._arm_deadline(state)
+        now = time.monotonic()
+        try:
+            request = self.scheduler.add(spec, now)
+        except QueueFull:
+            metrics.REQUESTS.labels(StatusCode.RESOURCE_EXHAUSTED.value).inc()
+            raise
+        position = len(self.scheduler.waiting) - 1
+        stream = self._streams[request] = asyncio.Queue()
+        stream.put_nowait(Accepted(spec.request_id, position, spec))
+        if spec.deadline is not None:
+            asyncio.get_running_loop().call_later(
+                max(0.0, spec.deadline - now), self._stop, request, StatusCode.DEADLINE_EXCEEDED)
         log_event("request_admitted", request_id=spec.request_id, images=spec.num_images,
-                  sampler=spec.sampler, steps=spec.num_steps, queued=len(self._waiting))
-        self._schedule_pump()
-        return RequestHandle(state, self.cancel)
+                  sampler=spec.sampler, steps=spec.num_steps, queued=position + 1)
+        self._wake()
+        return RequestHandle(request, stream, self.cancel)
 
-    def cancel(self, state: RequestState) -> None:
-        """Marks the request; it stops at the next step boundary."""
-        if not state.done:
-            state.cancelled = True
-            self._schedule_pump()
+    def cancel(self, request: Request) -> None:
+        """The request stops at the next step boundary."""
+        self._stop(request, StatusCode.CANCELLED)
+
+    def _stop(self, request: Request, why: StatusCode) -> None:
+        self.scheduler.stop(request, why)
+        self._wake()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._microbatches]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._microbatches, return_exceptions=True)
 
-    # -- scheduling ---------------------------------------------------------------------
+    # -- the loop: schedule → run on the chain → update -------------------------------
 
-    def _schedule_pump(self) -> None:
-        """Pumps once, after every callback ready now has run: requests arriving (or
+    def _wake(self) -> None:
+        """Schedules once, after every callback ready now has run: requests arriving (or
         microbatches returning) in the same loop turn are planned together."""
-        if not self._pump_scheduled:
-            self._pump_scheduled = True
-            asyncio.get_running_loop().call_soon(self._pump)
+        if not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._schedule)
 
-    def _pump(self) -> None:
-        """Retires stopped requests, promotes waiting ones, fills free pipeline slots."""
-        self._pump_scheduled = False
-        now = time.monotonic()
-        self._retire_stopped(now)
-        self._promote(now)
-        while self._in_flight < self.slots and self._ready:
-            group = plan_group(self._ready, self.slots - self._in_flight,
-                               self.config.max_rows_per_microbatch)
-            for request in group:
-                self._ready.remove(request)
-            self._in_flight += 1
-            self._spawn(self._run_microbatch(group))
-        metrics.QUEUE_DEPTH.set(len(self._waiting))
-        metrics.MICROBATCHES_IN_FLIGHT.set(self._in_flight)
+    def _schedule(self) -> None:
+        self._wake_pending = False
+        planned = self.scheduler.schedule(self.slots - self.in_flight, time.monotonic())
+        self._end(planned.finished)
+        for microbatch in planned.microbatches:
+            task = asyncio.get_running_loop().create_task(self._run(microbatch))
+            self._microbatches.add(task)
+            task.add_done_callback(self._microbatch_done)
+        metrics.QUEUE_DEPTH.set(len(self.scheduler.waiting))
+        metrics.ACTIVE_REQUESTS.set(len(self.scheduler.running))
+        metrics.MICROBATCHES_IN_FLIGHT.set(self.in_flight)
 
-    def _retire_stopped(self, now: float) -> None:
-        for queue in (self._waiting, self._ready):
-            for request in [r for r in queue if r.stopped(now)]:
-                queue.remove(request)
-                self._finish(request, request.stopped(now))
+    def _microbatch_done(self, task: asyncio.Task) -> None:
+        self._microbatches.discard(task)
+        self._wake()
 
-    def _promote(self, now: float) -> None:
-        while self._waiting and (self._active_rows + self._waiting[0].spec.rows
-                                 <= self.capacity_rows or not self._active_rows):
-            request = self._waiting.popleft()
-            request.started_at = now
-            self._active_rows += request.spec.rows
-            self._active += 1
-            self._ready.append(request)
-        metrics.ACTIVE_REQUESTS.set(self._active)
-
-    def _arm_deadline(self, state: RequestState) -> None:
-        if state.spec.deadline is None:
-            return
-        delay = max(0.0, state.spec.deadline - time.monotonic())
-        asyncio.get_running_loop().call_later(delay, self._expire, state)
-
-    def _expire(self, state: RequestState) -> None:
-        if not state.done:
-            state.expired = True
-            self._schedule_pump()
-
-    def _spawn(self, coro: Any) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    # -- one microbatch -----------------------------------------------------------------
-
-    async def _run_microbatch(self, group: list[RequestState]) -> None:
-        started = time.monotonic()
+    async def _run(self, microbatch: Microbatch) -> None:
+        """One microbatch through the chain, then one step of each of its requests."""
+        launched = time.monotonic()
+        metrics.ROWS_PER_MICROBATCH.observe(len(microbatch.t))
         try:
-            inputs = stack_inputs(group, null_class=self.model.num_classes)
-            if self.microbatch_log is not None:
-                self.microbatch_log.append([(r.request_id, r.step) for r in group])
-            metrics.ROWS_PER_MICROBATCH.observe(len(inputs.t))
-            out = await self._forward_with_retries(inputs.x, inputs.t, inputs.y, group)
-            metrics.MICROBATCH_SECONDS.observe(time.monotonic() - started)
-            parts = split_output(out, group, inputs.offsets)
-            for request, (cond, uncond) in zip(group, parts, strict=True):
-                self._advance(request, cond, uncond, started)
-        except ChainError as error:
-            log_event("microbatch_failed", request_ids=[r.request_id for r in group],
+            out = await self._forward(microbatch)  # (N, C_out, L, L)
+            metrics.MICROBATCH_SECONDS.observe(time.monotonic() - launched)
+            updated = self.scheduler.update(microbatch, out, time.monotonic())
+            for step in updated.stepped:
+                self._emit_step(step, launched)
+        except ServiceError as error:
+            log_event("microbatch_failed", request_ids=microbatch.request_ids,
                       code=error.code.value, message=error.message)
-            for request in group:
-                self._finish(request, error)
+            self.scheduler.fail(microbatch, error)
         except Exception as error:  # a bug must fail these requests, not hang them
-            log_event("microbatch_error", request_ids=[r.request_id for r in group],
-                      error=repr(error))
-            for request in group:
-                self._finish(request, ChainError(ErrorCode.INTERNAL, f"internal error: {error}"))
-        finally:
-            self._in_flight -= 1
-            self._schedule_pump()
+            log_event("microbatch_error", request_ids=microbatch.request_ids, error=repr(error))
+            self.scheduler.fail(microbatch, ServiceError(StatusCode.INTERNAL,
+                                                         f"internal error: {error}"))
+        self._end([r for r in microbatch.requests if r.status is RequestStatus.FINISHED])
 
-    async def _forward_with_retries(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                                    group: Sequence[RequestState]) -> torch.Tensor:
+    async def _forward(self, microbatch: Microbatch) -> torch.Tensor:
         """The chain's output; UNAVAILABLE is retried with exponential backoff (stages are
         stateless per microbatch, so a resend is safe)."""
-        ids = [r.request_id for r in group]
+        ids = microbatch.request_ids
         for attempt in range(self.config.max_retries + 1):
             try:
-                return await self._forward_once(x, t, y, ids)
-            except ChainError as error:
+                out, seconds = await self.chain.forward(microbatch.x, microbatch.t,
+                                                        microbatch.y, ids)
+            except ServiceError as error:
                 if not error.retryable or attempt == self.config.max_retries:
-                    raise self._final_error(error, attempt) from None
+                    raise _final_error(error, attempt) from None
                 delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** attempt)
                 log_event("microbatch_retry", request_ids=ids, attempt=attempt + 1,
                           delay_seconds=delay, message=error.message)
                 metrics.RETRIES.inc()
                 await asyncio.sleep(delay)
+                continue
+            self._count_busy(seconds)
+            return out
         raise AssertionError("unreachable")
 
-    async def _forward_once(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                            ids: list[str]) -> torch.Tensor:
-        """One chain call; the stages' own compute seconds are summed when reported."""
-        forward_timed = getattr(self.chain, "forward_timed", None)
-        if forward_timed is None:
-            return await self.chain.forward(x, t, y, ids)
-        out, seconds = await forward_timed(x, t, y, ids)
+    def _count_busy(self, seconds: tuple[float, ...]) -> None:
+        """Adds the stages' own compute seconds (utilisation = busy / wall)."""
         for stage, busy in enumerate(seconds):
             metrics.STAGE_BUSY_SECONDS.labels(str(stage)).inc(busy)
             while len(self.stage_busy_seconds) <= stage:
                 self.stage_busy_seconds.append(0.0)
             self.stage_busy_seconds[stage] += busy
-        return out
 
-    def _final_error(self, error: ChainError, attempts: int) -> ChainError:
-        if not error.retryable:
-            return error
-        return ChainError(error.code, f"the stage chain is unavailable after {attempts + 1} "
-                          f"attempts: {error.message}")
+    # -- a request's stream -------------------------------------------------------------
 
-    def _advance(self, request: RequestState, cond: torch.Tensor,
-                 uncond: torch.Tensor | None, launched: float) -> None:
-        """One sampler step of a request from its rows of the model output."""
-        request.steps_used += 1
-        if request.stopped(time.monotonic()):
-            return self._finish(request, request.stopped(time.monotonic()))
-        output = cond if uncond is None else _guide(request.spec, cond, uncond, self.model.in_channels)
-        timestep = request.sampler.model_timestep(request.step)
-        stepped = request.sampler.step(request.step, request.x, output, request.generator)
-        request.x, request.step = stepped.prev_sample, request.step + 1
-        now = time.monotonic()
+    def _emit_step(self, step: StepOutput, launched: float) -> None:
+        """Progress of one step (with previews when due), then the final images once the
+        request is denoised; both in step order on the request's stream."""
+        request, now = step.request, time.monotonic()
         metrics.STEP_SECONDS.observe(now - launched)
-        progress = Progress(request.step, request.sampler.num_steps, timestep,
+        progress = Progress(request.step, request.sampler.num_steps, step.timestep,
                             now - request.started_at, request.eta_seconds(now))
-        self._emit_progress(request, progress,
-                            self.outputs.previews_due(request, stepped.pred_original_sample))
-        if request.finished_denoising:
-            request.denoised_at = now
-            self._release_rows(request)
-            self._spawn(self._decode_and_finish(request, request.pending))
-        else:
-            self._ready.append(request)
+        previews = self.outputs.previews_due(request, step.pred_x0)
+        stream = self._streams[request]
+        stream.put_nowait(progress if previews is None
+                          else self._spawn(_with_previews(progress, previews)))
+        if request.status is RequestStatus.DECODING:
+            stream.put_nowait(self._spawn(self._decode(request)))
 
-    def _emit_progress(self, request: RequestState, progress: Progress,
-                       previews: Awaitable[list[Any]] | None) -> None:
-        """Emits in step order; a decoded preview is awaited off the loop, and later events
-        of the request queue behind it."""
-        if previews is None and request.pending is None:
-            return request.emit(progress)
-
-        async def emit_after(before: asyncio.Task | None) -> None:
-            if before is not None:
-                await asyncio.gather(before, return_exceptions=True)
-            if previews is not None:
-                progress.previews = await previews
-            request.emit(progress)
-
-        request.pending = self._spawn(emit_after(request.pending))
-
-    async def _decode_and_finish(self, request: RequestState,
-                                 before: asyncio.Task | None) -> None:
-        """Decoding runs beside the denoising of other requests."""
+    async def _decode(self, request: Request) -> Result | ServiceError:
+        """The final images; decoding runs beside the denoising of other requests."""
         try:
             images = await self.outputs.final_images(request)
-        except ChainError as error:
-            return self._finish(request, error)
-        if before is not None:
-            await asyncio.gather(before, return_exceptions=True)
+        except ServiceError as error:
+            self._end([self.scheduler.finish(request, error)], announced=False)
+            return error
         decoded_at = time.monotonic()
-        latents = request.x if request.spec.return_latents else None
-        request.emit(Result(latents, images, request.started_at - request.admitted_at,
-                            request.denoised_at - request.started_at,
-                            decoded_at - request.denoised_at, request.spec.seed))
-        self._finish(request, None)
+        self._end([self.scheduler.finish(request)])
+        return Result(request.x if request.spec.return_latents else None, images,
+                      request.started_at - request.admitted_at,
+                      request.denoised_at - request.started_at,
+                      decoded_at - request.denoised_at, request.spec.seed)
 
-    def _release_rows(self, request: RequestState) -> None:
-        """Its rows no longer count against the active capacity (done or stopped)."""
-        if request.started_at is not None and not request.released:
-            self._active_rows -= request.spec.rows
-            self._active -= 1
-            request.released = True
+    def _end(self, finished: list[Request], announced: bool = True) -> None:
+        """Ends the streams of finished requests: their error (unless `announced` is
+        False: the stream carries it already), then the end."""
+        for request in finished:
+            stream = self._streams.pop(request, None)
+            if stream is None:  # ended already
+                continue
+            outcome = request.error.code.value if request.error else "ok"
+            metrics.REQUESTS.labels(outcome).inc()
+            log_event("request_finished", request_id=request.request_id, outcome=outcome,
+                      steps=request.step)
+            if request.error is not None and announced:
+                stream.put_nowait(request.error)
+            stream.put_nowait(None)
 
-    def _finish(self, request: RequestState, error: ChainError | None) -> None:
-        """Ends the request's stream (with `error` if it failed) and frees its slot."""
-        if request.done:
-            return
-        request.done = True
-        self._release_rows(request)
-        self._admitted -= 1
-        metrics.REQUESTS.labels(error.code.value if error else "ok").inc()
-        log_event("request_finished", request_id=request.request_id,
-                  outcome=error.code.value if error else "ok", steps=request.step)
-        if error is not None:
-            request.emit(error)
-        request.emit(None)
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
 
-def _guide(spec: GenerationSpec, cond: torch.Tensor, uncond: torch.Tensor,
-           latent_channels: int) -> torch.Tensor:
-    return apply_guidance(cond, uncond, spec.guidance_scale, spec.guidance_channels,
-                          latent_channels)
+async def _with_previews(progress: Progress, previews: Awaitable[list[Any]]) -> Progress:
+    progress.previews = await previews
+    return progress
+
+
+def _final_error(error: ServiceError, attempts: int) -> ServiceError:
+    if not error.retryable:
+        return error
+    return ServiceError(error.code, f"the stage chain is unavailable after {attempts + 1} "
+                        f"attempts: {error.message}")

@@ -1,22 +1,24 @@
 """GetModelInfo's content: the model, its class names, samplers and the chain's stages.
 
-Class names are loaded lazily, in this order: the config's `model.class_names` file; the
-ImageNet-1k names shipped with the client package for 1000-class models; the demo model's
-names when the demo checkpoint is served; otherwise "class N".
+Class names are read once at start-up, from the first of: the config's
+`model.class_names` file; the names the checkpoint ships with (`class_names.txt` beside
+it, as the demo model has them); the ImageNet-1k names of the client package for
+1000-class models; otherwise "class N".
 """
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 
+from ditserve_client.labels import imagenet_class_names
 from ditserve_client.proto.dit.v1 import coordinator_pb2
 
 from ditserve.chain.base import StageChain
-from ditserve.chain.remote import info_from_description
-from ditserve.config import CoordinatorConfig
+from ditserve.config import ConfigError, CoordinatorConfig
 from ditserve.model import DiTConfig
+from ditserve.model.checkpoint import read_class_names
 from ditserve.sampling import SAMPLERS
+from ditserve.stage.client import info_from_description
 
 from .protocol import SAMPLER_ENUMS
 
@@ -24,34 +26,36 @@ VAE_DOWNSCALE = 8
 """Image side / latent side of the Stable Diffusion VAE."""
 
 
+def class_names(model: DiTConfig, names_file: str = "", checkpoint: str = "") -> list[str]:
+    """One name per class of `model` (module docstring); ConfigError when a file's count
+    differs from the model's."""
+    n = model.num_classes
+    if names_file:
+        try:
+            names = [line.strip() for line in Path(names_file).read_text("utf-8").splitlines()
+                     if line.strip()]
+        except OSError as error:
+            raise ConfigError(f"model.class_names: cannot read {names_file}: "
+                              f"{error.strerror}") from None
+        where = f"model.class_names {names_file}"
+    elif checkpoint and (names := read_class_names(checkpoint)) is not None:
+        where = f"the class names beside checkpoint {checkpoint}"
+    elif n == 1000:
+        return list(imagenet_class_names())
+    else:
+        return [f"class {i}" for i in range(n)]
+    if len(names) != n:
+        raise ConfigError(f"{where} has {len(names)} names, the model has {n} classes")
+    return names
+
+
 class ModelInfo:
     """Answers GetModelInfo from the model config, the class names and the live chain."""
 
     def __init__(self, model: DiTConfig, chain: StageChain, config: CoordinatorConfig,
-                 class_names_file: str = "", is_demo: bool = False, has_decoder: bool = False):
+                 class_names: list[str], has_decoder: bool = False):
         self.model, self.chain, self.config = model, chain, config
-        self.class_names_file, self.is_demo, self.has_decoder = (
-            class_names_file, is_demo, has_decoder)
-
-    @cached_property
-    def class_names(self) -> list[str]:
-        n = self.model.num_classes
-        if self.class_names_file:
-            names = [line.strip() for line in Path(self.class_names_file).read_text(
-                "utf-8").splitlines() if line.strip()]
-            if len(names) != n:
-                raise ValueError(f"model.class_names {self.class_names_file} has "
-                                 f"{len(names)} names, the model has {n} classes")
-            return names
-        if n == 1000:
-            from ditserve_client.labels import imagenet_class_names
-
-            return list(imagenet_class_names())
-        if self.is_demo:
-            from ditserve.demo import DEMO_CLASS_NAMES
-
-            return list(DEMO_CLASS_NAMES)
-        return [f"class {i}" for i in range(n)]
+        self.class_names, self.has_decoder = class_names, has_decoder
 
     async def describe(self) -> coordinator_pb2.GetModelInfoResponse:
         stages = [info_from_description(d) for d in await self.chain.describe()]

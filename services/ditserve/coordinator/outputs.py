@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from ditserve_client.proto.dit.v1 import image_pb2
 
-from ditserve.chain.base import ChainError, ErrorCode
 from ditserve.common.logs import log_event
+from ditserve.common.status import ServiceError, StatusCode
 from ditserve.sampling.previews import LatentRgbMap
 
-from .request import RequestState
+from .request import Request
 
 JPEG = image_pb2.IMAGE_FORMAT_JPEG
 PREVIEW_QUALITY = 75
@@ -41,7 +41,7 @@ class OutputMaker:
     def has_decoder(self) -> bool:
         return self.decoder is not None
 
-    def previews_due(self, request: RequestState,
+    def previews_due(self, request: Request,
                      pred_x0: torch.Tensor) -> Awaitable[list[Any]] | None:
         """Previews of the predicted clean latents (n, C, L, L) if this step wants them."""
         spec = request.spec
@@ -58,24 +58,24 @@ class OutputMaker:
             self._preview_map = await self._preview_map
         return approximate_previews(pred_x0, labels, self._preview_map or LatentRgbMap.sd15())
 
-    async def _decoded_previews(self, pred_x0: torch.Tensor, request: RequestState) -> list[Any]:
+    async def _decoded_previews(self, pred_x0: torch.Tensor, request: Request) -> list[Any]:
         """VAE-decoded previews; a failure costs the preview, not the request."""
         try:
             return await self._decode(pred_x0, request, PREVIEW_QUALITY, JPEG)
-        except ChainError as error:
+        except ServiceError as error:
             log_event("preview_failed", request_id=request.request_id, message=error.message)
             return []
 
-    async def final_images(self, request: RequestState) -> list[Any]:
+    async def final_images(self, request: Request) -> list[Any]:
         if request.spec.skip_images:
             return []
         return await self._decode(request.x, request, request.spec.image_quality,
                                   request.spec.image_format)
 
-    async def _decode(self, latents: torch.Tensor, request: RequestState, quality: int,
+    async def _decode(self, latents: torch.Tensor, request: Request, quality: int,
                       image_format: int) -> list[Any]:
         if self.decoder is None:
-            raise ChainError(ErrorCode.FAILED_PRECONDITION, "no decoder is configured")
+            raise ServiceError(StatusCode.FAILED_PRECONDITION, "no decoder is configured")
         call = self.decoder.decode
         args = (latents, image_format, quality, list(request.spec.labels))
         if inspect.iscoroutinefunction(call):

@@ -10,8 +10,8 @@ import time
 
 from ditserve_client.proto.dit.v1 import coordinator_pb2, image_pb2, tensor_pb2
 
-from ditserve.chain.base import ChainError, ErrorCode
-from ditserve.config import CoordinatorConfig
+from ditserve.common.status import ServiceError, StatusCode
+from ditserve.config import CoordinatorConfig, GuidanceChannels, PreviewMode, SamplerName
 from ditserve.model import DiTConfig
 from ditserve.wire import encode_tensor
 
@@ -28,22 +28,26 @@ from .spec import (
     new_seed,
 )
 
-SAMPLER_NAMES = {coordinator_pb2.SAMPLER_DDPM: "ddpm", coordinator_pb2.SAMPLER_DDIM: "ddim",
-                 coordinator_pb2.SAMPLER_DPM_SOLVER_PP: "dpm-solver++"}
-SAMPLER_ENUMS = {name: value for value, name in SAMPLER_NAMES.items()}
-PREVIEWS = {coordinator_pb2.PREVIEW_MODE_UNSPECIFIED: "none",
-            coordinator_pb2.PREVIEW_MODE_APPROXIMATE: "approximate",
-            coordinator_pb2.PREVIEW_MODE_DECODED: "decoded"}
-CHANNELS = {coordinator_pb2.GUIDANCE_CHANNELS_UNSPECIFIED: "first3",
-            coordinator_pb2.GUIDANCE_CHANNELS_FIRST_THREE: "first3",
-            coordinator_pb2.GUIDANCE_CHANNELS_ALL: "all"}
+# dit.v1 enum value → the spelling of config.py's Literal aliases.
+SAMPLER_NAMES: dict[int, SamplerName] = {
+    coordinator_pb2.SAMPLER_DDPM: "ddpm", coordinator_pb2.SAMPLER_DDIM: "ddim",
+    coordinator_pb2.SAMPLER_DPM_SOLVER_PP: "dpm-solver++"}
+SAMPLER_ENUMS: dict[SamplerName, int] = {name: value for value, name in SAMPLER_NAMES.items()}
+PREVIEWS: dict[int, PreviewMode] = {
+    coordinator_pb2.PREVIEW_MODE_UNSPECIFIED: "none",
+    coordinator_pb2.PREVIEW_MODE_APPROXIMATE: "approximate",
+    coordinator_pb2.PREVIEW_MODE_DECODED: "decoded"}
+CHANNELS: dict[int, GuidanceChannels] = {
+    coordinator_pb2.GUIDANCE_CHANNELS_UNSPECIFIED: "first3",
+    coordinator_pb2.GUIDANCE_CHANNELS_FIRST_THREE: "first3",
+    coordinator_pb2.GUIDANCE_CHANNELS_ALL: "all"}
 MAX_REQUEST_ID_CHARS = 128
 
 
 def spec_from_proto(request: coordinator_pb2.GenerateRequest, model: DiTConfig,
                     config: CoordinatorConfig, has_decoder: bool,
                     timeout: float | None = None) -> GenerationSpec:
-    """A validated GenerationSpec, defaults filled; raises ChainError INVALID_ARGUMENT
+    """A validated GenerationSpec, defaults filled; raises ServiceError INVALID_ARGUMENT
     (FAILED_PRECONDITION for images or decoded previews without a decoder)."""
     labels = list(request.class_labels)
     check_labels(labels, model, config)
@@ -105,11 +109,11 @@ def _check_outputs(spec: GenerationSpec, has_decoder: bool) -> None:
     if has_decoder:
         return
     if not spec.skip_images:
-        raise ChainError(ErrorCode.FAILED_PRECONDITION, "skip_images: no decoder is "
+        raise ServiceError(StatusCode.FAILED_PRECONDITION, "skip_images: no decoder is "
                          "configured, so images are not available; set skip_images and "
                          "return_latents")
     if spec.preview == "decoded":
-        raise ChainError(ErrorCode.FAILED_PRECONDITION, "preview_mode: no decoder is "
+        raise ServiceError(StatusCode.FAILED_PRECONDITION, "preview_mode: no decoder is "
                          "configured for decoded previews; use approximate previews")
 
 

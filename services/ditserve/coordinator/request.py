@@ -1,23 +1,96 @@
-"""One request's state inside the engine: its latents, sampler, RNG and event stream.
+"""One request as the scheduler sees it (plain data), and the events its stream carries.
 
-Seeds follow DESIGN §3: the initial noise is `torch.randn((n, C, L, L), generator=
-torch.Generator("cpu").manual_seed(seed))` and every later draw of the request comes from
-that same generator, so a request's images do not depend on what it was batched with.
+Seeds follow docs/ARCHITECTURE.md §3: the initial noise is `torch.randn((n, C, L, L),
+generator=torch.Generator("cpu").manual_seed(seed))` and every later draw of the request
+comes from that same generator, so a request's images do not depend on what it was
+batched with.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ditserve.chain.base import ChainError, ErrorCode
+from ditserve.common.status import ServiceError, StatusCode
 from ditserve.sampling.base import Sampler
 
 from .spec import GenerationSpec
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is; the scheduler keeps one set per status."""
+
+    WAITING = "waiting"
+    """Admitted, queued until its rows fit the pipeline's capacity."""
+    RUNNING = "running"
+    """Holds rows of the capacity: ready for its next step, or in a microbatch."""
+    DECODING = "decoding"
+    """Denoised; its rows are free again while its images are made."""
+    FINISHED = "finished"
+    """Its stream has ended, with a result or with `error`."""
+
+
+@dataclass(eq=False)  # identity: two requests may carry the same client-chosen id
+class Request:
+    """A request being served: its spec, sampler, generator and latents."""
+
+    spec: GenerationSpec
+    sampler: Sampler
+    generator: torch.Generator
+    x: torch.Tensor
+    """(n, C, L, L) float32 latents on the CPU: x_T at first, the result at the end."""
+    admitted_at: float
+    status: RequestStatus = RequestStatus.WAITING
+    step: int = 0
+    """Sampler steps done; the next model call is at `sampler.model_timestep(step)`."""
+    steps_used: int = 0
+    """Model calls that returned with this request's rows (for tests and metrics)."""
+    stop: StatusCode | None = None
+    """CANCELLED or DEADLINE_EXCEEDED once asked to stop; acted on at a step boundary."""
+    error: ServiceError | None = None
+    """Why it finished, if it failed."""
+    started_at: float | None = None
+    denoised_at: float | None = None
+
+    @classmethod
+    def create(cls, spec: GenerationSpec, sampler: Sampler,
+               latent_shape: tuple[int, int, int], now: float) -> Request:
+        """A new request with its initial noise drawn from its own seeded generator."""
+        generator = torch.Generator("cpu").manual_seed(spec.seed)
+        channels, side, _ = latent_shape
+        # (n, C, L, L) float32 on the CPU: the convention of diffusers' DiT pipeline.
+        x = torch.randn((spec.num_images, channels, side, side), generator=generator)
+        return cls(spec, sampler, generator, x, admitted_at=now)
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+    @property
+    def latent_key(self) -> tuple[int, ...]:
+        """Requests share a microbatch only when their latents have the same shape."""
+        return tuple(self.x.shape[1:])
+
+    def stop_error(self, now: float) -> ServiceError | None:
+        """Why the request must stop at this step boundary, if it must."""
+        if self.stop is StatusCode.CANCELLED:
+            return ServiceError(StatusCode.CANCELLED, f"request {self.request_id} was cancelled")
+        deadline = self.spec.deadline
+        if self.stop is StatusCode.DEADLINE_EXCEEDED or (deadline is not None and now >= deadline):
+            return ServiceError(StatusCode.DEADLINE_EXCEEDED,
+                                f"request {self.request_id} passed its deadline at step "
+                                f"{self.step} of {self.sampler.num_steps}")
+        return None
+
+    def eta_seconds(self, now: float) -> float:
+        """Time left at this request's own step rate so far."""
+        if not self.step or self.started_at is None:
+            return 0.0
+        per_step = (now - self.started_at) / self.step
+        return per_step * (self.sampler.num_steps - self.step)
 
 
 @dataclass
@@ -57,93 +130,3 @@ class Result:
 
 
 Event = Accepted | Progress | Result
-
-
-class RequestState:
-    """A request being served: spec, per-request sampler/generator, latents, events."""
-
-    def __init__(self, spec: GenerationSpec, sampler: Sampler, latent_shape: tuple[int, int, int]):
-        self.spec = spec
-        self.sampler = sampler
-        self.generator = torch.Generator("cpu").manual_seed(spec.seed)
-        channels, side, _ = latent_shape
-        # (n, C, L, L) float32 on the CPU: the convention of diffusers' DiT pipeline.
-        self.x = torch.randn((spec.num_images, channels, side, side), generator=self.generator)
-        self.step = 0
-        self.cancelled = False
-        self.expired = False
-        self.done = False
-        self.released = False
-        """Whether its rows were given back to the active capacity."""
-        self.pending: asyncio.Task | None = None
-        """The last event still being prepared (a decoded preview); later ones wait."""
-        """Whether its rows were given back to the active capacity."""
-        self.events: asyncio.Queue[Event | ChainError | None] = asyncio.Queue()
-        self.admitted_at = time.monotonic()
-        self.started_at: float | None = None
-        self.denoised_at: float | None = None
-        self.steps_used = 0
-        """Model steps taken (microbatches this request's rows were in), for tests/metrics."""
-
-    @property
-    def request_id(self) -> str:
-        return self.spec.request_id
-
-    @property
-    def latent_key(self) -> tuple[int, ...]:
-        """Requests share a microbatch only when their latents have the same shape."""
-        return tuple(self.x.shape[1:])
-
-    @property
-    def finished_denoising(self) -> bool:
-        return self.step >= self.sampler.num_steps
-
-    def stopped(self, now: float) -> ChainError | None:
-        """Why the request must stop at this step boundary, if it must."""
-        if self.cancelled:
-            return ChainError(ErrorCode.CANCELLED, f"request {self.request_id} was cancelled")
-        if self.expired or (self.spec.deadline is not None and now >= self.spec.deadline):
-            return ChainError(ErrorCode.DEADLINE_EXCEEDED,
-                              f"request {self.request_id} passed its deadline at step "
-                              f"{self.step} of {self.sampler.num_steps}")
-        return None
-
-    def emit(self, event: Event | ChainError | None) -> None:
-        self.events.put_nowait(event)
-
-    def eta_seconds(self, now: float) -> float:
-        """Time left at this request's own step rate so far."""
-        if not self.step or self.started_at is None:
-            return 0.0
-        per_step = (now - self.started_at) / self.step
-        return per_step * (self.sampler.num_steps - self.step)
-
-
-class RequestHandle:
-    """What a caller holds: the request's events, and a way to cancel it."""
-
-    def __init__(self, state: RequestState, cancel: Any):
-        self._state = state
-        self._cancel = cancel
-
-    @property
-    def request_id(self) -> str:
-        return self._state.request_id
-
-    @property
-    def steps_used(self) -> int:
-        return self._state.steps_used
-
-    def cancel(self) -> None:
-        """Stops the request at the next step boundary (the client went away)."""
-        self._cancel(self._state)
-
-    async def events(self):
-        """Accepted, Progress..., Result; a failure is raised as ChainError."""
-        while True:
-            event = await self._state.events.get()
-            if event is None:
-                return
-            if isinstance(event, ChainError):
-                raise event
-            yield event

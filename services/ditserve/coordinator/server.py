@@ -18,16 +18,18 @@ from typing import Any
 
 from ditserve_client.proto.dit.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-from ditserve.chain.base import ChainError, ErrorCode, StageChain, StageDescription
-from ditserve.chain.handshake import check_chain
+from ditserve.chain import LocalChain, RemoteChain, StageChain, check_chain
 from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
+from ditserve.common.status import ServiceError, UserError
 from ditserve.config import PipelineConfig
+from ditserve.decoder.client import DecoderClient
 from ditserve.model import DiTConfig
 from ditserve.sampling.previews import LatentRgbMap
+from ditserve.stage.runner import StageDescription
 
 from .engine import Engine
-from .model_info import ModelInfo
+from .model_info import ModelInfo, class_names
 from .outputs import OutputMaker
 from .servicer import CoordinatorServicer
 
@@ -35,7 +37,7 @@ SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
 HANDSHAKE_RETRY_SECONDS = 0.5
 
 
-class StartupError(RuntimeError):
+class StartupError(UserError):
     """The coordinator cannot serve this chain (printed as one line, exit 2)."""
 
 
@@ -65,40 +67,36 @@ class CoordinatorOptions:
 
 def build_chain(options: CoordinatorOptions) -> StageChain:
     if options.local_checkpoint:
-        from ditserve.chain.local import LocalChain
-
         return LocalChain.from_checkpoint(options.local_checkpoint, options.local_stages,
                                           options.config.wire_dtype,
                                           options.config.model.name)
-    from ditserve.chain.remote import RemoteChain
-
     return RemoteChain(options.stage0)
 
 
 async def handshake(chain: StageChain, wire_dtype: str | None,
                     timeout: float) -> list[StageDescription]:
-    """The checked chain; UNAVAILABLE (or a stage not yet serving) is retried until
-    `timeout`, any other mismatch fails at once."""
+    """The checked chain. A chain still starting (a stage unreachable, or one that
+    reports it is not serving yet) is asked again until `timeout`; any other mismatch
+    fails at once."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             stages = await chain.describe()
-            check_chain(stages, wire_dtype)
-            return stages
-        except ChainError as error:
-            starting = error.code is ErrorCode.UNAVAILABLE or "not serving" in error.message
-            if not starting or time.monotonic() > deadline:
+            check_chain(stages, wire_dtype, require_serving=False)
+            if all(stage.serving for stage in stages) or time.monotonic() > deadline:
+                check_chain(stages, wire_dtype)
+                return stages
+            why = "a stage is not serving yet"
+        except ServiceError as error:
+            if not error.retryable or time.monotonic() > deadline:
                 raise StartupError(f"the stage chain failed the handshake: {error}") from None
-            log_event("handshake_retry", message=error.message)
-            await asyncio.sleep(HANDSHAKE_RETRY_SECONDS)
+            why = error.message
+        log_event("handshake_retry", message=why)
+        await asyncio.sleep(HANDSHAKE_RETRY_SECONDS)
 
 
-def connect_decoder(address: str) -> Any | None:
-    if not address:
-        return None
-    from ditserve.decoder.client import DecoderClient
-
-    return DecoderClient(address)
+def connect_decoder(address: str) -> DecoderClient | None:
+    return DecoderClient(address) if address else None
 
 
 async def serve(options: CoordinatorOptions) -> None:
@@ -113,11 +111,12 @@ async def serve(options: CoordinatorOptions) -> None:
         await chain.close()
         raise
     model = DiTConfig.from_json(stages[0].model_config_json)
+    names = class_names(model, options.config.model.class_names, _checkpoint(options))
     decoder = connect_decoder(options.decoder)
     engine = Engine(chain, model, options.config.coordinator, len(stages),
                     OutputMaker(decoder, previews))
-    info = ModelInfo(model, chain, options.config.coordinator, options.config.model.class_names,
-                     _is_demo(options, stages[0]), has_decoder=decoder is not None)
+    info = ModelInfo(model, chain, options.config.coordinator, names,
+                     has_decoder=decoder is not None)
     lifecycle = ServiceLifecycle("coordinator", options.listen, [SERVICE_NAME],
                                  options.metrics_port, options.grace)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
@@ -153,19 +152,17 @@ def fit_previews(vae: str) -> LatentRgbMap | None:
     return preview_map
 
 
-def _is_demo(options: CoordinatorOptions, stage0: StageDescription) -> bool:
-    """Whether the served weights are the embedded demo model's."""
+def _checkpoint(options: CoordinatorOptions) -> str:
+    """The served checkpoint's path as the config names it; empty means the embedded
+    demo model (config.py), "" when this install has none."""
+    checkpoint = options.local_checkpoint or options.config.model.checkpoint
+    if checkpoint:
+        return checkpoint
     try:
         from ditserve.demo import DEMO_DIT_PATH
-        from ditserve.model import open_checkpoint
     except ImportError:
-        return False
-    checkpoint = options.local_checkpoint or options.config.model.checkpoint
-    if not checkpoint:
-        return True  # an empty checkpoint means the demo model (config.py)
-    if not Path(DEMO_DIT_PATH).exists():
-        return False
-    return open_checkpoint(DEMO_DIT_PATH).weight_hash() == stage0.weight_hash
+        return ""
+    return str(DEMO_DIT_PATH)
 
 
 def _closer(engine: Engine, chain: StageChain, decoder: Any):
@@ -178,7 +175,4 @@ def _closer(engine: Engine, chain: StageChain, decoder: Any):
 
 
 def run(options: CoordinatorOptions) -> int:
-    try:
-        run_service(serve(options))  # ends the process once stopped
-    except StartupError as error:
-        raise ValueError(str(error)) from None
+    run_service(serve(options))  # ends the process once stopped

@@ -1,7 +1,8 @@
 """A generation request as the engine sees it: validated, defaults filled, no protobuf.
 
 `spec_from_proto` is the one place a `dit.v1.GenerateRequest` is checked; every problem is
-an INVALID_ARGUMENT naming the field (DESIGN §5), so a client knows what to fix.
+an INVALID_ARGUMENT naming the field (docs/ARCHITECTURE.md §5), so a client knows what to
+fix.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
-from ditserve.chain.base import ChainError, ErrorCode
-from ditserve.config import CoordinatorConfig
+from ditserve.common.status import ServiceError, StatusCode
+from ditserve.config import CoordinatorConfig, GuidanceChannels, PreviewMode, SamplerName
 from ditserve.model import DiTConfig
 from ditserve.sampling import SAMPLERS
 
 DEFAULT_QUALITY = 90
+MAX_GUIDANCE_SCALE = 1e4
+"""Largest guidance scale admitted. Guidance multiplies the difference of two eps
+predictions (each of order 1) by the scale, and the first steps divide by sqrt(alpha_bar)
+(about 6e-3 at t=999), so a scale of 1e38 overflows float32 at once; useful scales are
+1-10. The SDK checks the same bound before sending."""
 
 
 @dataclass(frozen=True)
@@ -26,12 +32,12 @@ class GenerationSpec:
     request_id: str
     labels: tuple[int, ...]
     seed: int
-    sampler: str
+    sampler: SamplerName
     num_steps: int
     guidance_scale: float
-    guidance_channels: str = "first3"
+    guidance_channels: GuidanceChannels = "first3"
     """"first3" (the reference) or "all": the eps channels guidance applies to."""
-    preview: str = "none"
+    preview: PreviewMode = "none"
     """"none", "approximate" or "decoded"."""
     preview_every: int = 1
     image_format: int = 1
@@ -57,8 +63,8 @@ class GenerationSpec:
         return self.num_images * (2 if self.guided else 1)
 
 
-def invalid(field: str, message: str) -> ChainError:
-    return ChainError(ErrorCode.INVALID_ARGUMENT, f"{field}: {message}")
+def invalid(field: str, message: str) -> ServiceError:
+    return ServiceError(StatusCode.INVALID_ARGUMENT, f"{field}: {message}")
 
 
 def check_labels(labels: list[int], model: DiTConfig, config: CoordinatorConfig) -> None:
@@ -84,9 +90,9 @@ def check_sampler_steps(sampler: str, steps: int) -> int:
 
 
 def check_guidance(scale: float, model: DiTConfig) -> None:
-    if not math.isfinite(scale) or scale < 1.0:
-        raise invalid("guidance_scale", f"must be a finite number >= 1 (1 disables guidance), "
-                      f"got {scale}")
+    if not (math.isfinite(scale) and 1.0 <= scale <= MAX_GUIDANCE_SCALE):
+        raise invalid("guidance_scale", f"must be a number from 1 to {MAX_GUIDANCE_SCALE:g} "
+                      f"(1 disables guidance), got {scale:g}")
     if scale != 1.0 and not model.has_null_class:
         raise invalid("guidance_scale", "this model has no null class, so only 1 is allowed")
 

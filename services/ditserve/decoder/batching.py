@@ -3,7 +3,7 @@
 Requests that arrive while the VAE is busy (or together) wait in a queue; the worker takes
 the oldest and every other waiting request with the same latent shape, up to
 `max_batch_size` rows, and decodes them in one call on a single-thread executor, so the
-event loop (health checks, other RPCs) never waits for a forward pass (DESIGN §6).
+event loop (health checks, other RPCs) never waits for a forward pass (docs/ARCHITECTURE.md §6).
 Reference: dynamic batching as in Triton's dynamic batcher, without a delay window.
 """
 

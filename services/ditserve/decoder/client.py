@@ -1,6 +1,6 @@
 """The coordinator's side of DecoderService: `await DecoderClient(address).decode(...)`.
 
-Latents travel as FP32 (N, C, L, L), unscaled. A failed call raises ChainError with the
+Latents travel as FP32 (N, C, L, L), unscaled. A failed call raises ServiceError with the
 call's canonical code, so the coordinator handles decoder and stage failures alike.
 """
 
@@ -12,7 +12,7 @@ import grpc
 import torch
 from ditserve_client.proto.dit.v1 import decoder_pb2, decoder_pb2_grpc, image_pb2, tensor_pb2
 
-from ditserve.common.errors import chain_error_from_rpc
+from ditserve.common.errors import error_from_rpc
 from ditserve.common.grpc_options import channel_options
 from ditserve.wire.codec import encode_tensor
 
@@ -38,14 +38,14 @@ class DecoderClient:
     async def decode(self, latents: torch.Tensor, fmt: int | str = image_pb2.IMAGE_FORMAT_PNG,
                      quality: int = 0, labels: Sequence[int] = (),
                      request_id: str = "") -> list[image_pb2.Image]:
-        """Latents (N, C, L, L), unscaled → N encoded images (ChainError on failure)."""
+        """Latents (N, C, L, L), unscaled → N encoded images (ServiceError on failure)."""
         request = decoder_pb2.DecodeRequest(
             latents=latents_to_proto(latents), format=FORMATS[fmt] if isinstance(fmt, str)
             else fmt, quality=quality, class_labels=list(labels), request_id=request_id)
         try:
             response = await self._stub.Decode(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as error:
-            raise chain_error_from_rpc(error) from None
+            raise error_from_rpc(error) from None
         return list(response.images)
 
     async def close(self) -> None:

@@ -13,9 +13,9 @@ import grpc
 import torch
 from ditserve_client.proto.dit.v1 import decoder_pb2, decoder_pb2_grpc, image_pb2
 
-from ditserve.chain.base import ChainError, ErrorCode
 from ditserve.common.errors import to_grpc_status
 from ditserve.common.logs import log_event
+from ditserve.common.status import ServiceError, StatusCode
 from ditserve.wire.codec import decode_tensor
 
 from . import metrics
@@ -58,12 +58,12 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         """Latents (N, C, L, L), unscaled → N images in the requested format."""
         started = time.perf_counter()
         if self.batcher is None:
-            await self._abort(context, ErrorCode.UNAVAILABLE, "the VAE is still loading")
+            await self._abort(context, StatusCode.UNAVAILABLE, "the VAE is still loading")
         try:
             latents, fmt, quality = parse_request(request)
             self.batcher.decoder.validate(latents)
         except ValueError as error:
-            await self._abort(context, ErrorCode.INVALID_ARGUMENT, str(error), request)
+            await self._abort(context, StatusCode.INVALID_ARGUMENT, str(error), request)
         metrics.QUEUE_ROWS.set(self.batcher.queue_depth + latents.shape[0])
         pixels, seconds = await self.batcher.decode(latents)  # (N, H, W, 3) uint8
         encoded = await asyncio.to_thread(encode_images, pixels, fmt, quality)
@@ -92,9 +92,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                   format=fmt, seconds=round(response.decode_seconds, 4))
 
     @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext, code: ErrorCode, message: str,
+    async def _abort(context: grpc.aio.ServicerContext, code: StatusCode, message: str,
                      request: decoder_pb2.DecodeRequest | None = None) -> None:
         metrics.REQUESTS.labels(code.value).inc()
         log_event("decode_failed", request_id=request.request_id if request else "",
                   code=code.value, message=message)
-        await context.abort_with_status(to_grpc_status(ChainError(code, message)))
+        await context.abort_with_status(to_grpc_status(ServiceError(code, message)))

@@ -3,7 +3,7 @@
 Uses the service's own samplers (`sampling.make_sampler`: ddpm, ddim, dpm-solver++) and
 guidance (`sampling.apply_guidance`: the reference's `forward_with_cfg`, conditional and
 null-class rows in one batch, guidance on the first 3 latent channels), with the seed
-convention of DESIGN §3: the initial noise and every later draw come from one CPU
+convention of docs/ARCHITECTURE.md §3: the initial noise and every later draw come from one CPU
 generator seeded with `seed`.
 """
 

@@ -42,7 +42,8 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Decoder output (N, 3, H, W) → uint8 (N, H, W, 3), DESIGN's clamp(127.5 x + 128)."""
+    """Decoder output (N, 3, H, W) → uint8 (N, H, W, 3), clamp(127.5 x + 128),
+    docs/ARCHITECTURE.md §3."""
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 

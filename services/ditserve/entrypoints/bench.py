@@ -17,6 +17,8 @@ import importlib
 import shlex
 import typing
 
+from ditserve.common.status import CommandError
+
 HELP = "Run a benchmark scenario; write <scenario>.json and <scenario>.md."
 
 SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "hop", "memory", "gpu",
@@ -73,7 +75,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+            raise CommandError(f"--set {item!r}: expected FIELD=VALUE")
         out[key.strip().replace("-", "_")] = value.strip()
     return out
 
@@ -83,11 +85,11 @@ def _apply(settings: typing.Any, key: str, value: str) -> typing.Any:
     fields = {f.name: f for f in dataclasses.fields(settings)}
     if key == "models" and "model" in fields:  # a one-model scenario
         if "," in value:
-            raise ValueError(f"this scenario measures one model; got --models {value}")
+            raise CommandError(f"this scenario measures one model; got --models {value}")
         key = "model"
     if key not in fields:
-        raise ValueError(f"{type(settings).__module__.rsplit('.', 1)[-1]} has no setting "
-                         f"{key!r}; known: {', '.join(fields)}")
+        raise CommandError(f"{type(settings).__module__.rsplit('.', 1)[-1]} has no setting "
+                           f"{key!r}; known: {', '.join(fields)}")
     current = getattr(settings, key)
     try:
         if isinstance(current, tuple):
@@ -98,5 +100,5 @@ def _apply(settings: typing.Any, key: str, value: str) -> typing.Any:
         else:
             parsed = type(current)(value)
     except ValueError:
-        raise ValueError(f"setting {key}: cannot read {value!r} as {type(current).__name__}") from None
+        raise CommandError(f"setting {key}: cannot read {value!r} as {type(current).__name__}") from None
     return dataclasses.replace(settings, **{key: parsed})

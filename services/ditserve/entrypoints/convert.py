@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ditserve.common.status import CommandError
+
 HELP = "convert an official .pt, a diffusers folder or a ditserve file to a ditserve file"
 
 
@@ -18,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from ditserve.model import convert
 
     if not args.out.endswith(".safetensors"):
-        raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+        raise CommandError(f"--out must end in .safetensors, got {args.out!r}")
     config = convert(args.src, args.out, args.model)
     print(f"wrote {args.out}: {config.name or 'DiT'} depth {config.depth}, "
           f"hidden {config.hidden_size}, patch {config.patch_size}, input {config.input_size}")

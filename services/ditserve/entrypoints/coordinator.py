@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ditserve.common.status import CommandError
+
 HELP = "Serve the coordinator: the denoising loop with step-level batching over the chain."
 
 
@@ -49,10 +51,10 @@ def _options(args: argparse.Namespace, env):
 
     path = args.config or env.config
     if not path and not args.local:
-        raise ValueError("--config is required (or --local --checkpoint FILE)")
+        raise CommandError("--config is required (or --local --checkpoint FILE)")
     config = load_config(path) if path else PipelineConfig()
     if args.local_stages < 1:
-        raise ValueError(f"--local-stages must be positive, got {args.local_stages}")
+        raise CommandError(f"--local-stages must be positive, got {args.local_stages}")
     decoder = args.decoder if args.decoder is not None else config.decoder.address
     return CoordinatorOptions(
         config=config, listen=args.listen or config.coordinator.listen_address(),
@@ -65,14 +67,14 @@ def _first_stage(config, local: bool) -> str:
     if local:
         return ""
     if not config.stages:
-        raise ValueError("the config lists no stages; give --stage0 HOST:PORT")
+        raise CommandError("the config lists no stages; give --stage0 HOST:PORT")
     return config.stages[0].address
 
 
 def _local_checkpoint(args: argparse.Namespace, config) -> str:
     if not args.local:
         if args.checkpoint:
-            raise ValueError("--checkpoint needs --local (stages load the weights otherwise)")
+            raise CommandError("--checkpoint needs --local (stages load the weights otherwise)")
         return ""
     from ditserve.entrypoints.stage import resolve_checkpoint
 

@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ditserve.common.status import CommandError
+
 if TYPE_CHECKING:
     from ditserve.decoder.server import DecoderServerConfig
 
@@ -40,8 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_vae_path() -> str:
     """The embedded demo VAE's folder, or a clear error when this build has none."""
-    from ditserve.cli import CommandError
-
     try:
         from ditserve.demo import DEMO_VAE_PATH
     except ImportError:
@@ -62,11 +62,11 @@ def server_config(args: argparse.Namespace) -> DecoderServerConfig:
                              else DEFAULT_LISTEN)
     max_batch = args.max_batch if args.max_batch is not None else section.max_batch_size
     if max_batch < 1:
-        raise ValueError(f"--max-batch must be positive, got {max_batch}")
+        raise CommandError(f"--max-batch must be positive, got {max_batch}")
     vae = args.vae or section.vae or demo_vae_path()
     if not (Path(vae) / "config.json").is_file():
-        raise FileNotFoundError(f"VAE folder {vae} has no config.json (a diffusers "
-                                "AutoencoderKL folder is needed)")
+        raise CommandError(f"VAE folder {vae} has no config.json (a diffusers "
+                           "AutoencoderKL folder is needed)")
     checkpoint = args.checkpoint if args.checkpoint is not None else (
         pipeline.model.checkpoint if pipeline else None)
     if checkpoint is not None:  # as the stages resolve it: empty means the demo model

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ditserve.common.status import CommandError
+
 HELP = "start the local cluster on the demo model, generate a grid of every class, stop"
 START_TIMEOUT_S = 330.0
 """Longer than `ditserve up`'s own --start-timeout (300 s), which then reports the cause."""
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ditserve.common.process import ServiceFailed
 
     if args.per_class < 1:
-        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+        raise CommandError(f"--per-class must be at least 1, got {args.per_class}")
     cluster = _start_cluster(args)
     try:
         # The coordinator serves once every other service does; `up` exits (one line in

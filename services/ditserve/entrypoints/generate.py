@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from ditserve.common.status import CommandError
+
 HELP = "generate images from class labels via a running coordinator"
 
 
@@ -19,8 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ditserve_client.cli import USER_ERRORS, run_generate
-
-    from ditserve.cli import CommandError
 
     try:
         return run_generate(args)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from ditserve.common.status import CommandError
+
 HELP = "describe the model and pipeline a coordinator serves"
 
 
@@ -18,8 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ditserve_client.cli import USER_ERRORS, run_info
-
-    from ditserve.cli import CommandError
 
     try:
         return run_info(args)

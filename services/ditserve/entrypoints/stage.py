@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import get_args
+
+from ditserve.common.status import CommandError
+from ditserve.config import WireDtype
 
 HELP = "Serve one pipeline stage (a contiguous range of DiT blocks) over gRPC."
 
@@ -22,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="config name such as DiT-XL/2, if the file cannot tell")
     parser.add_argument("--listen", help="host:port to bind")
     parser.add_argument("--next", help="host:port of the next stage (none on the last)")
-    parser.add_argument("--wire-dtype", choices=("bf16", "fp16", "fp32"),
+    parser.add_argument("--wire-dtype", choices=get_args(WireDtype),
                         help="activation dtype on the wire (default bf16)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--max-batch", type=int, help="most rows per microbatch (default 32)")
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.grace < 0:
-        raise ValueError(f"--grace must not be negative, got {args.grace}")
+        raise CommandError(f"--grace must not be negative, got {args.grace}")
     options.grace = args.grace
     configure_logging(f"stage-{options.stage_index}", env.log_level)
     return serve(options)
@@ -56,13 +60,15 @@ def _from_flags(args: argparse.Namespace):
 
     for flag in ("checkpoint", "stage", "stages", "listen"):
         if getattr(args, flag) is None:
-            raise ValueError(f"--{flag} is required (or give --config)")
-    depth = open_checkpoint(args.checkpoint, args.model).config.depth
+            raise CommandError(f"--{flag} is required (or give --config)")
+    reader = open_checkpoint(args.checkpoint, args.model)  # opened once: passed on below
+    depth = reader.config.depth
     blocks = (parse_block_range(args.blocks, depth) if args.blocks
               else stage_block_range(depth, args.stage, args.stages))
     return StageOptions(
         checkpoint=args.checkpoint, stage_index=args.stage, num_stages=args.stages,
         blocks=blocks, listen=args.listen, next_address=args.next or "", model_name=args.model,
+        reader=reader,
         **_device_options(args.device or "cpu", args.wire_dtype or "bf16",
                           args.max_batch or 32, args.metrics_port))
 
@@ -75,19 +81,20 @@ def _from_config(args: argparse.Namespace, env):
     config = load_config(args.config)
     index = args.stage if args.stage is not None else env.stage_index
     if index is None:
-        raise ValueError("which stage? give --stage or set DITSERVE_STAGE_INDEX")
+        raise CommandError("which stage? give --stage or set DITSERVE_STAGE_INDEX")
     if not 0 <= index < len(config.stages):
-        raise ValueError(f"stage {index} is not in the config's {len(config.stages)} stages")
+        raise CommandError(f"stage {index} is not in the config's {len(config.stages)} stages")
     stage = config.stages[index]
     checkpoint = resolve_checkpoint(config.model.checkpoint)
-    depth = open_checkpoint(checkpoint, config.model.name).config.depth
+    reader = open_checkpoint(checkpoint, config.model.name)  # opened once: passed on below
+    depth = reader.config.depth
     blocks = (parse_block_range(stage.blocks, depth) if stage.blocks
               else stage_block_range(depth, index, len(config.stages)))
     next_address = config.stages[index + 1].address if index + 1 < len(config.stages) else ""
     return StageOptions(
         checkpoint=checkpoint, stage_index=index, num_stages=len(config.stages), blocks=blocks,
         listen=args.listen or stage.listen_address(), next_address=args.next or next_address,
-        address=stage.address, model_name=config.model.name,
+        address=stage.address, model_name=config.model.name, reader=reader,
         **_device_options(args.device or stage.device, args.wire_dtype or config.wire_dtype,
                           args.max_batch or config.max_batch_size, args.metrics_port))
 
@@ -98,9 +105,9 @@ def _device_options(device: str, wire_dtype: str, max_batch: int,
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise CommandError(f"--device {device}: CUDA is not available on this machine")
     if max_batch < 1:
-        raise ValueError(f"--max-batch must be positive, got {max_batch}")
+        raise CommandError(f"--max-batch must be positive, got {max_batch}")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     return {"device": device, "dtype": dtype, "wire_dtype": wire_dtype,
             "max_batch_size": max_batch, "metrics_port": metrics_port}
@@ -113,9 +120,9 @@ def resolve_checkpoint(checkpoint: str) -> str:
     try:
         from ditserve.demo import DEMO_DIT_PATH
     except ImportError:
-        raise ValueError("model.checkpoint is empty and this install has no embedded demo "
-                         "model (ditserve.demo); set model.checkpoint") from None
+        raise CommandError("model.checkpoint is empty and this install has no embedded demo "
+                           "model (ditserve.demo); set model.checkpoint") from None
     if not Path(DEMO_DIT_PATH).exists():
-        raise ValueError(f"model.checkpoint is empty and the demo model {DEMO_DIT_PATH} is "
-                         "missing; run `ditserve train-demo` or set model.checkpoint")
+        raise CommandError(f"model.checkpoint is empty and the demo model {DEMO_DIT_PATH} is "
+                           "missing; run `ditserve train-demo` or set model.checkpoint")
     return str(DEMO_DIT_PATH)

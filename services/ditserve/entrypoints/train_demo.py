@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ditserve.common.status import CommandError
+
 HELP = "train the demo model (shapes DiT + VAE + judge classifier) into a folder"
 
 
@@ -24,13 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {args.seed}")
+        raise CommandError(f"--seed must be non-negative, got {args.seed}")
     if args.threads < 1:
-        raise ValueError(f"--threads must be positive, got {args.threads}")
+        raise CommandError(f"--threads must be positive, got {args.threads}")
     if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} exists and is not a folder")
+        raise CommandError(f"--out {args.out} exists and is not a folder")
     if args.card_only and not (args.out / "training.json").is_file():
-        raise ValueError(f"--card-only: {args.out} holds no training.json from a training run")
+        raise CommandError(f"--card-only: {args.out} holds no training.json from a training run")
     import torch
 
     from ..demo.recipe import FULL, QUICK, finish, train_all

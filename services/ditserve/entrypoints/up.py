@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ditserve.common.process import ServiceFailed
     from ditserve.config import PipelineConfig
+from typing import get_args
+
+from ditserve.common.status import CommandError
+from ditserve.config import WireDtype
 
 HELP = "start every service (stages, decoder, coordinator) as its own process on loopback"
 
@@ -29,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", default="", help="diffusers AutoencoderKL folder; default: "
                                                   "the embedded demo VAE")
     parser.add_argument("--no-decoder", action="store_true", help="serve latents only")
-    parser.add_argument("--wire-dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+    parser.add_argument("--wire-dtype", default="bf16", choices=get_args(WireDtype),
                         help="activation dtype between stages (default bf16)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface every service binds (default 127.0.0.1: loopback only; "
@@ -52,12 +56,12 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
     for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
         if port is not None and not 1 <= port <= 65535 - 64:
-            raise ValueError(f"{flag} must be between 1 and {65535 - 64}, got {port}")
+            raise CommandError(f"{flag} must be between 1 and {65535 - 64}, got {port}")
     if args.config:
         config = load_config(args.config)
     else:
         if args.stages < 1:
-            raise ValueError(f"--stages must be at least 1, got {args.stages}")
+            raise CommandError(f"--stages must be at least 1, got {args.stages}")
         config = local_config(args.stages, args.port, args.checkpoint, args.wire_dtype, args.vae)
     config = localize(config, args.port, args.host)
     if args.no_decoder:

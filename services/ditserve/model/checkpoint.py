@@ -25,15 +25,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .configs import DiTConfig, dit_config, heads_for
+from ditserve.common.status import UserError
+
+from .configs import DIT_CONFIGS, DiTConfig, dit_config, heads_for
 from .dit import DiT
 
 DITSERVE_FORMAT = "ditserve.dit.v1"
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a DiT, with what is wrong."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read as a DiT, with what is wrong (a ValueError too, as
+    before, for callers that catch that)."""
 
 
 class CheckpointReader:
@@ -243,6 +246,9 @@ def infer_config(state: dict[str, torch.Tensor], model: str | None) -> DiTConfig
                   mlp_ratio=fc1_rows / hidden,
                   learn_sigma=out_features == patch * patch * in_channels * 2)
     if model is not None:
+        if model not in DIT_CONFIGS:
+            raise CheckpointError(f"unknown model config {model!r}; known: "
+                                  f"{', '.join(DIT_CONFIGS)}")
         base = dit_config(model)
         if (base.depth, base.hidden_size, base.patch_size) != (depth, hidden, patch):
             raise CheckpointError(f"checkpoint has depth {depth}, hidden {hidden}, patch {patch}; "
@@ -306,6 +312,20 @@ def open_checkpoint(path: str | Path, model: str | None = None) -> CheckpointRea
     return _load_official(path, model)
 
 
+CLASS_NAMES_FILE = "class_names.txt"
+"""The class names a checkpoint ships with, one per line, beside the file (or inside the
+folder): how the demo model carries them."""
+
+
+def read_class_names(path: str | Path) -> list[str] | None:
+    """The class names shipped with the checkpoint at `path`; None when it has none."""
+    path = Path(path)
+    names_file = (path if path.is_dir() else path.parent) / CLASS_NAMES_FILE
+    if not names_file.is_file():
+        return None
+    return [line.strip() for line in names_file.read_text("utf-8").splitlines() if line.strip()]
+
+
 def stage_keys(reader: CheckpointReader, model: DiT) -> list[str]:
     """The checkpoint keys that this (possibly partial) model holds."""
     wanted = set(model.state_dict().keys())
@@ -338,12 +358,15 @@ def _check_shapes(model: DiT, state: dict[str, torch.Tensor], path: Path) -> Non
                                   f"the config needs {tuple(param.shape)}")
 
 
-def load_stage(path: str | Path, blocks: tuple[int, int], model: str | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiT:
+def load_stage(checkpoint: str | Path | CheckpointReader, blocks: tuple[int, int],
+               model: str | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> DiT:
     """The slice of the model holding blocks [start, end): with the embedders when it starts
     at block 0 and the final layer when it ends at the last. From a safetensors file it
-    reads only its own tensors."""
-    reader = open_checkpoint(path, model)
+    reads only its own tensors. Given an open reader, the file is not opened again (one
+    process building several stages, or a stage that also needs the weight hash)."""
+    reader = (checkpoint if isinstance(checkpoint, CheckpointReader)
+              else open_checkpoint(checkpoint, model))
     start, end = blocks
     if not 0 <= start < end <= reader.config.depth:
         raise CheckpointError(f"block range {start}:{end} is outside the model's "

@@ -2,7 +2,7 @@
 
 The reference `GaussianDiffusion.p_sample` (facebookresearch/DiT
 `diffusion/gaussian_diffusion.py`, from openai/improved-diffusion) on the respaced
-schedule, with the request's own generator for the noise (DESIGN §3) and no clipping of
+schedule, with the request's own generator for the noise (docs/ARCHITECTURE.md §3) and no clipping of
 the predicted x0 (the reference `sample.py` passes clip_denoised=False).
 """
 

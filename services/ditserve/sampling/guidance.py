@@ -10,12 +10,13 @@ the paper's samples; "all" guides every eps channel (sigma still from the condit
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import get_args
 
 import torch
 
-GuidanceChannels = Literal["first3", "all"]
-GUIDANCE_CHANNELS: tuple[str, ...] = ("first3", "all")
+from ditserve.config import GuidanceChannels
+
+GUIDANCE_CHANNELS: tuple[GuidanceChannels, ...] = get_args(GuidanceChannels)
 """Which eps channels guidance applies to: the reference's first 3, or all of them."""
 
 

@@ -82,7 +82,7 @@ class LatentRgbMap:
         rgb = rgb + bias[None, :, None, None]
         if upscale > 1:  # smooth between cell centres, as a decoded image is
             rgb = F.interpolate(rgb, scale_factor=upscale, mode="bilinear", align_corners=False)
-        # The image convention of DESIGN §3: clamp(127.5 x + 128).
+        # The image convention of docs/ARCHITECTURE.md §3: clamp(127.5 x + 128).
         pixels = (127.5 * rgb + 128).clamp(0, 255).to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).contiguous().cpu()  # (n, H*s, W*s, 3)
 

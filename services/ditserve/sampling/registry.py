@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ditserve.config import SamplerName
+
 from . import ddim, ddpm, dpm_solver
 from .base import Sampler
 
@@ -23,7 +25,7 @@ class SamplerSpec:
     """One line for GetModelInfo and --help."""
 
 
-SAMPLERS: dict[str, SamplerSpec] = {
+SAMPLERS: dict[SamplerName, SamplerSpec] = {
     "ddpm": SamplerSpec(ddpm.DDPMSampler, ddpm.DEFAULT_STEPS, 1000,
                         "ancestral DDPM, learned-range variance, reference respacing"),
     "ddim": SamplerSpec(ddim.DDIMSampler, ddim.DEFAULT_STEPS, 1000,

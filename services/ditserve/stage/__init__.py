@@ -1,4 +1,4 @@
-"""A stage worker: one slice of DiT blocks served over gRPC in a relay chain (DESIGN §1)."""
+"""A stage worker: one slice of DiT blocks served over gRPC in a relay chain (docs/ARCHITECTURE.md §1)."""
 
 from .runner import StageRunner
 

@@ -5,8 +5,8 @@ its blocks; the last stage applies the final layer and returns the model output 
 Activations leave in the wire dtype (bf16 by default), exactly as they would cross the
 network, so an in-process chain of runners (chain/local.py) is numerically a remote one.
 
-All compute runs on ONE dedicated thread per runner (DESIGN §6): the asyncio loop that
-serves health checks and streams never waits behind a forward pass.
+All compute runs on ONE dedicated thread per runner (docs/ARCHITECTURE.md §6): the
+asyncio loop that serves health checks and streams never waits behind a forward pass.
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from ditserve.chain.base import StageDescription
+from ditserve.config import WireDtype
 from ditserve.model import DiT, load_stage, open_checkpoint
+from ditserve.model.checkpoint import CheckpointReader
 from ditserve.wire import DTYPES, WIRE_DTYPE_NAMES, WireError
 from ditserve.wire.codec import NAMES
 
@@ -28,13 +32,35 @@ NUM_TIMESTEPS = 1000
 Tensors = dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class StageDescription:
+    """What one stage serves, as the handshake reports it (dit.v1.StageInfo)."""
+
+    stage_index: int
+    num_stages: int
+    block_start: int
+    block_end: int
+    depth: int
+    model_name: str
+    model_config_json: str
+    weight_hash: str
+    wire_dtype: str
+    address: str = ""
+    device: str = "cpu/float32"
+    max_batch_size: int = 0
+    serving: bool = True
+
+
 class StageRunner:
     """Blocks [start, end) of a DiT (with the embedders on stage 0, the head on the last)."""
 
     def __init__(self, model: DiT, blocks: tuple[int, int], stage_index: int = 0,
-                 num_stages: int = 1, wire_dtype: str = "bf16", max_batch_size: int = 32,
+                 num_stages: int = 1, wire_dtype: WireDtype = "bf16", max_batch_size: int = 32,
                  weight_hash: str = "", address: str = ""):
-        self.model, self.config = model, model.config
+        """`model` holds at least this stage's parts: its slice, or the whole model (then
+        the runner runs a view of it that shares its modules, as the in-process chain
+        does with one model for every emulated stage)."""
+        self.config = model.config
         self.block_start, self.block_end = blocks
         self.stage_index, self.num_stages = stage_index, num_stages
         self.wire_datatype = WIRE_DTYPE_NAMES[wire_dtype]
@@ -43,17 +69,20 @@ class StageRunner:
         self.weight_hash, self.address = weight_hash, address
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._check_model()
+        _check_holds(model, blocks)
+        self.model = stage_view(model, blocks)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     @classmethod
-    def from_checkpoint(cls, path: str, blocks: tuple[int, int], model_name: str | None = None,
-                        device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        **options: object) -> StageRunner:
-        """Reads only this stage's tensors; `options` as in the constructor."""
-        weight_hash = open_checkpoint(path, model_name).weight_hash()
-        model = load_stage(path, blocks, model=model_name, device=device, dtype=dtype)
-        return cls(model, blocks, weight_hash=weight_hash, **options)
+    def from_checkpoint(cls, checkpoint: str | Path | CheckpointReader, blocks: tuple[int, int],
+                        model_name: str | None = None, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32, **options: object) -> StageRunner:
+        """Reads only this stage's tensors, opening the file once (or not at all when
+        given an open reader); `options` as in the constructor."""
+        reader = (checkpoint if isinstance(checkpoint, CheckpointReader)
+                  else open_checkpoint(checkpoint, model_name))
+        model = load_stage(reader, blocks, device=device, dtype=dtype)
+        return cls(model, blocks, weight_hash=reader.weight_hash(), **options)
 
     @property
     def is_first(self) -> bool:
@@ -62,16 +91,6 @@ class StageRunner:
     @property
     def is_last(self) -> bool:
         return self.block_end == self.config.depth
-
-    def _check_model(self) -> None:
-        if self.is_first and not self.model.has_embedders:
-            raise ValueError("stage starting at block 0 needs a model with the embedders")
-        if self.is_last and not self.model.has_final_layer:
-            raise ValueError("the last stage needs a model with the final layer")
-        missing = [i for i in range(self.block_start, self.block_end)
-                   if str(i) not in self.model.blocks]
-        if missing:
-            raise ValueError(f"model lacks blocks {missing[0]}..{missing[-1]} of this stage")
 
     # -- validation: every tensor from outside, with a message naming what is wrong --
 
@@ -138,8 +157,7 @@ class StageRunner:
         else:
             h = inputs["h"].to(self.device, self.dtype)  # (N, T, D)
             c = inputs["c"].to(self.device, self.dtype)  # (N, D)
-        for i in range(self.block_start, self.block_end):
-            h = self.model.blocks[str(i)](h, c)
+        h = self.model.run_blocks(h, c)  # (N, T, D)
         if self.is_last:
             return [("out", self.model.head(h, c).float().cpu())]  # (N, C_out, L, L)
         return [("h", h.to(self.wire_torch_dtype).cpu()), ("c", c.to(self.wire_torch_dtype).cpu())]
@@ -180,6 +198,37 @@ class StageRunner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_holds(model: DiT, blocks: tuple[int, int]) -> None:
+    start, end = blocks
+    if start == 0 and not model.has_embedders:
+        raise ValueError("stage starting at block 0 needs a model with the embedders")
+    if end == model.config.depth and not model.has_final_layer:
+        raise ValueError("the last stage needs a model with the final layer")
+    missing = [i for i in range(start, end) if str(i) not in model.blocks]
+    if missing:
+        raise ValueError(f"model lacks blocks {missing[0]}..{missing[-1]} of this stage")
+
+
+def stage_view(model: DiT, blocks: tuple[int, int]) -> DiT:
+    """The slice of `model` for blocks [start, end), sharing its modules (nothing is
+    copied): with the embedders when it starts at block 0, the final layer when it ends
+    at the last block. `model` itself when it is that slice already."""
+    start, end = blocks
+    first, last = start == 0, end == model.config.depth
+    if (model.block_range == blocks and model.has_embedders == first
+            and model.has_final_layer == last):
+        return model
+    view = DiT(model.config, (start, start), embedders=False, final_layer=False)  # empty
+    view.block_range = blocks
+    view.blocks = nn.ModuleDict({str(i): model.blocks[str(i)] for i in range(start, end)})
+    if first:
+        for name in ("x_embedder", "t_embedder", "y_embedder", "pos_embed"):
+            setattr(view, name, getattr(model, name))
+    if last:
+        view.final_layer = model.final_layer
+    return view.eval()
 
 
 def _named(tensors: Tensors, names: tuple[str, ...]) -> list[torch.Tensor]:

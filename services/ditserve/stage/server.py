@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
-from ditserve.chain.remote import StageClient
 from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
+from ditserve.model.checkpoint import CheckpointReader
 
+from .client import StageClient
 from .runner import StageRunner
 from .servicer import StageServicer
 
@@ -56,6 +57,8 @@ class StageOptions:
     """Port of the Prometheus endpoint; None for none."""
     grace: float = 5.0
     """Seconds in-flight microbatches get to finish on SIGTERM."""
+    reader: CheckpointReader | None = None
+    """`checkpoint` already opened (to read its depth), so the file is opened only once."""
 
 
 async def serve(options: StageOptions) -> None:
@@ -85,7 +88,8 @@ async def serve(options: StageOptions) -> None:
 
 def _load(options: StageOptions) -> StageRunner:
     return StageRunner.from_checkpoint(
-        options.checkpoint, options.blocks, options.model_name, options.device, options.dtype,
+        options.reader or options.checkpoint, options.blocks, options.model_name,
+        options.device, options.dtype,
         stage_index=options.stage_index, num_stages=options.num_stages,
         wire_dtype=options.wire_dtype, max_batch_size=options.max_batch_size,
         address=options.address or options.listen)

@@ -24,11 +24,10 @@ import grpc
 import torch
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
-from ditserve.chain.base import ChainError, ErrorCode
-from ditserve.chain.remote import StageClient, info_from_description
 from ditserve.common.errors import status_proto, to_grpc_status
 from ditserve.common.logs import log_event
 from ditserve.common.metrics import MICROBATCHES, WIRE_BYTES
+from ditserve.common.status import ServiceError, StatusCode
 from ditserve.wire import (
     ByteBudget,
     FrameAssembler,
@@ -39,6 +38,7 @@ from ditserve.wire import (
 )
 
 from . import metrics
+from .client import StageClient, info_from_description
 from .fairness import FairGate
 from .runner import StageRunner
 
@@ -76,8 +76,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
 
     async def _require_runner(self, context: Any) -> StageRunner:
         if self.runner is None or not self.serving:
-            await context.abort_with_status(to_grpc_status(ChainError(
-                ErrorCode.UNAVAILABLE, "stage is loading its weights")))
+            await context.abort_with_status(to_grpc_status(ServiceError(
+                StatusCode.UNAVAILABLE, "stage is loading its weights")))
         return self.runner
 
     async def Forward(self, request_iterator: AsyncIterator[Any],
@@ -126,7 +126,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                     violation = str(error)
                     break
                 except WireError as error:
-                    self._reply_error(replies, error.microbatch_id or 0, error.to_chain_error())
+                    self._reply_error(replies, error.microbatch_id or 0, error.to_service_error())
                     continue
                 if microbatch is not None:
                     task = asyncio.create_task(self._handle(microbatch, assembler, replies,
@@ -135,8 +135,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                     task.add_done_callback(tasks.discard)
             else:
                 for mb_id in assembler.pending_ids():
-                    self._reply_error(replies, mb_id, ChainError(
-                        ErrorCode.INVALID_ARGUMENT, f"microbatch {mb_id}: stream ended before "
+                    self._reply_error(replies, mb_id, ServiceError(
+                        StatusCode.INVALID_ARGUMENT, f"microbatch {mb_id}: stream ended before "
                                                     "its payload was complete"))
                 await asyncio.gather(*tasks)
         except grpc.RpcError:
@@ -154,8 +154,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         while True:
             await asyncio.sleep(min(5.0, self.idle_timeout / 2))
             for mb_id in assembler.expire(self.idle_timeout):
-                self._reply_error(replies, mb_id, ChainError(
-                    ErrorCode.DEADLINE_EXCEEDED, f"microbatch {mb_id}: no payload bytes for "
+                self._reply_error(replies, mb_id, ServiceError(
+                    StatusCode.DEADLINE_EXCEEDED, f"microbatch {mb_id}: no payload bytes for "
                                                  f"{self.idle_timeout:g} s; its buffer was freed"))
 
     async def _handle(self, microbatch: Microbatch, assembler: FrameAssembler,
@@ -167,7 +167,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         try:
             frames = await self._answer(microbatch, request_ids, stream, assembler)
             outcome = "ok"
-        except ChainError as error:
+        except ServiceError as error:
             frames, outcome = [self._error_frame(microbatch.id, error)], error.code.value
             log_event("microbatch_failed", level=logging.WARNING, microbatch_id=microbatch.id,
                       request_ids=request_ids, code=error.code.value, message=error.message)
@@ -181,21 +181,21 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
 
     async def _answer(self, microbatch: Microbatch, request_ids: list[str],
                       stream: object, assembler: FrameAssembler) -> list[Any]:
-        """Validate, compute, forward: the frames of the reply (ChainError on failure)."""
+        """Validate, compute, forward: the frames of the reply (ServiceError on failure)."""
         try:
             inputs = self.runner.validate(microbatch.tensors)
         except WireError as error:
-            raise error.to_chain_error() from None
+            raise error.to_service_error() from None
         for name, tensor in inputs.items():  # a NaN would spread through every later block
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ChainError(ErrorCode.INVALID_ARGUMENT,
+                raise ServiceError(StatusCode.INVALID_ARGUMENT,
                                  f"{self.name}: {name}: activations hold NaN or infinity")
         try:
             async with self.gate.turn(stream):
                 outputs, seconds = await self.runner.submit(inputs)
         except Exception as error:  # a bug or a device failure: report, keep serving
             log_event("compute_failed", level=logging.ERROR, error=repr(error))
-            raise ChainError(ErrorCode.INTERNAL, f"{self.name}: compute failed: {error}") from None
+            raise ServiceError(StatusCode.INTERNAL, f"{self.name}: compute failed: {error}") from None
         metrics.COMPUTE_SECONDS.observe(seconds)
         # The input is spent: free its bytes now, not after the rest of the chain answers.
         microbatch.tensors, inputs = {}, None
@@ -209,14 +209,14 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         WIRE_BYTES.labels("tx", "upstream").inc(frames[0].payload_bytes)
         return frames
 
-    def _reply_error(self, replies: asyncio.Queue, mb_id: int, error: ChainError) -> None:
+    def _reply_error(self, replies: asyncio.Queue, mb_id: int, error: ServiceError) -> None:
         log_event("microbatch_rejected", level=logging.WARNING, microbatch_id=mb_id,
                   code=error.code.value, message=error.message)
         MICROBATCHES.labels(self.name, error.code.value).inc()
         replies.put_nowait(self._error_frame(mb_id, error))
 
     @staticmethod
-    def _error_frame(mb_id: int, error: ChainError) -> stage_pb2.ForwardResponse:
+    def _error_frame(mb_id: int, error: ServiceError) -> stage_pb2.ForwardResponse:
         return stage_pb2.ForwardResponse(microbatch_id=mb_id, error=status_proto(error))
 
     async def DescribeChain(self, request: stage_pb2.DescribeChainRequest,
@@ -227,6 +227,6 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         if self.next_hop is not None:
             try:
                 stages += await self.next_hop.describe()
-            except ChainError as error:
+            except ServiceError as error:
                 await context.abort_with_status(to_grpc_status(error))
         return stage_pb2.DescribeChainResponse(stages=stages)

@@ -1,4 +1,4 @@
-"""torch ↔ wire: the one place tensors become bytes and back (DESIGN §5)."""
+"""torch ↔ wire: the one place tensors become bytes and back (docs/ARCHITECTURE.md §5)."""
 
 from .codec import (
     DTYPES,

@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
+from typing import get_args
 
 import numpy as np
 import torch
 
-from ditserve.chain.base import ChainError, ErrorCode
+from ditserve.common.status import ServiceError, StatusCode
+from ditserve.config import WireDtype
 
 if sys.byteorder != "little":  # torch has no byte-swapping views; every target is LE
     raise ImportError("ditserve's wire codec needs a little-endian machine")
@@ -28,8 +30,8 @@ DTYPES: dict[str, torch.dtype] = {
     "FP64": torch.float64, "INT64": torch.int64, "INT32": torch.int32, "UINT8": torch.uint8}
 NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 ELEMENT_SIZES: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
-WIRE_DTYPE_NAMES = {"bf16": "BF16", "fp16": "FP16", "fp32": "FP32"}
-"""Config/CLI spelling of an activation dtype → its wire name."""
+WIRE_DTYPE_NAMES: dict[WireDtype, str] = {name: name.upper() for name in get_args(WireDtype)}
+"""Config/CLI spelling of an activation dtype → its wire name ("bf16" → "BF16")."""
 
 MAX_RANK = 8
 
@@ -37,20 +39,20 @@ MAX_RANK = 8
 class WireError(ValueError):
     """A malformed tensor or frame; the peer gets INVALID_ARGUMENT with this message."""
 
-    code: ErrorCode = ErrorCode.INVALID_ARGUMENT
+    code: StatusCode = StatusCode.INVALID_ARGUMENT
     """The status the peer gets for that microbatch."""
     microbatch_id: int | None = None
     """The microbatch it concerns, when known (set by the FrameAssembler)."""
 
-    def to_chain_error(self) -> ChainError:
-        return ChainError(self.code, str(self))
+    def to_service_error(self) -> ServiceError:
+        return ServiceError(self.code, str(self))
 
 
 class WireOverload(WireError):
     """A well-formed microbatch the receiver has no room for now: RESOURCE_EXHAUSTED, so
     the sender can tell overload (retry later) from a malformed request (never retry)."""
 
-    code = ErrorCode.RESOURCE_EXHAUSTED
+    code = StatusCode.RESOURCE_EXHAUSTED
 
 
 class WireProtocolError(WireError):

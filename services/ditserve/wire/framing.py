@@ -3,7 +3,7 @@
 A microbatch is one or more frames (ForwardRequest or ForwardResponse) with one id. Its
 first frame lists the tensors (TensorSpec) and the payload length; the payload, the
 tensors' bytes concatenated in spec order, follows in `chunk`s at byte `offset`s. Frames
-of different microbatches may interleave. Chunking (DESIGN §5: ~2x faster than one big
+of different microbatches may interleave. Chunking (docs/ARCHITECTURE.md §5: ~2x faster than one big
 message, and it bounds memory) keeps every message far under the gRPC size limit.
 
 `FrameAssembler` rebuilds microbatches and validates strictly, raising WireError

@@ -1,0 +1,230 @@
+"""The client of one stage's Forward stream: one long-lived multiplexed stream per hop.
+
+`StageClient` is used both by stage i to reach stage i+1 and by the coordinator to reach
+stage 0 (through `chain.remote.RemoteChain`):
+
+- ONE bidirectional stream carries many microbatches at once; each call gets a fresh id
+  and a future, and replies (any order) are matched to futures by id.
+- An in-stream error answers only its microbatch (ServiceError with the sent code).
+- If the stream breaks, every microbatch in flight on it fails UNAVAILABLE (stages are
+  stateless, so the caller may retry), and the client reconnects with exponential
+  backoff: the chain heals by itself when the next stage is back. A call made while
+  backing off waits for the next attempt for at most `reconnect_wait` seconds, then
+  fails UNAVAILABLE rather than queue behind a dead peer (a stage that started before
+  its next hop, or a hop restarting, is then no error at all).
+
+References: Triton's gRPC streaming inference (in-stream per-request errors), grpc
+Python aio bidi streaming examples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import torch
+from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
+
+from ditserve.common.errors import error_from_rpc, error_from_status
+from ditserve.common.grpc_options import MAX_MESSAGE_BYTES, channel_options
+from ditserve.common.logs import log_event
+from ditserve.common.metrics import WIRE_BYTES
+from ditserve.common.status import ServiceError, StatusCode
+from ditserve.wire import CHUNK_BYTES, FrameAssembler, WireError, encode_frames
+
+from .runner import StageDescription
+
+INITIAL_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 2.0
+RECONNECT_WAIT_S = 2.5
+"""How long a call waits for a stream that is between reconnection attempts."""
+DESCRIBE_TIMEOUT_S = 10.0
+
+Outputs = dict[str, torch.Tensor]
+
+
+class StageClient:
+    """Client of one stage's Forward stream (see the module docstring)."""
+
+    def __init__(self, address: str, peer: str = "stage", chunk_bytes: int = CHUNK_BYTES,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self.address, self.peer, self.chunk_bytes = address, peer, chunk_bytes
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options(
+            max_message_bytes))
+        self._stub = stage_pb2_grpc.StageServiceStub(self._channel)
+        self._ids = itertools.count(1)
+        self._inflight: dict[int, asyncio.Future] = {}
+        self._send: asyncio.Queue | None = None  # frames of the current stream; None: down
+        self._send_ready = asyncio.Event()  # set while _send is a queue
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        """Starts the stream task (called lazily by the first `call`)."""
+        if self._task is None:
+            self._set_queue(asyncio.Queue())  # calls queue here while the stream opens
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def call(self, tensors: Sequence[tuple[str, torch.Tensor]],
+                   request_ids: Sequence[str] = ()) -> tuple[Outputs, list[float]]:
+        """Sends one microbatch; returns the reply's tensors and per-stage compute seconds."""
+        if self._closed:
+            raise ServiceError(StatusCode.UNAVAILABLE, f"client of {self.address} is closed")
+        self.start()
+        queue = await self._queue()
+        mb_id = next(self._ids)
+        frames = encode_frames(stage_pb2.ForwardRequest, mb_id, tensors, self.chunk_bytes,
+                               request_ids=list(request_ids))
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[mb_id] = future
+        for frame in frames:
+            queue.put_nowait(frame)
+        WIRE_BYTES.labels("tx", self.peer).inc(frames[0].payload_bytes)
+        try:
+            return await future
+        finally:
+            self._inflight.pop(mb_id, None)
+
+    def _set_queue(self, queue: asyncio.Queue | None) -> None:
+        self._send = queue
+        if queue is None:
+            self._send_ready.clear()
+        else:
+            self._send_ready.set()
+
+    async def _queue(self) -> asyncio.Queue:
+        """The current stream's send queue, waiting briefly through a reconnection."""
+        if self._send is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._send_ready.wait(), RECONNECT_WAIT_S)
+        if self._send is None or self._closed:
+            raise ServiceError(StatusCode.UNAVAILABLE, f"{self.peer} at {self.address} is "
+                                                    "unreachable; reconnecting")
+        return self._send
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Waits until the stream is open (the peer answered); TimeoutError otherwise."""
+        self.start()
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def _run(self) -> None:
+        backoff = INITIAL_BACKOFF_S
+        while not self._closed:
+            error, was_connected = await self._stream(self._send)
+            self._set_queue(None)
+            self._connected.clear()
+            self._fail_inflight(error)
+            if self._closed:
+                break
+            if was_connected:
+                backoff = INITIAL_BACKOFF_S
+            log_event("next_hop_down", level=30, peer=self.peer, address=self.address,
+                      error=error.message, retry_in=round(backoff, 3))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            self._set_queue(asyncio.Queue())
+
+    async def _stream(self, queue: asyncio.Queue) -> tuple[ServiceError, bool]:
+        """Runs one stream until it breaks; returns why (UNAVAILABLE) and whether the peer
+        had answered (then the backoff starts afresh)."""
+        call = self._stub.Forward(_drain(queue))
+        assembler = FrameAssembler(max_payload_bytes=1 << 40)
+        connected = False
+        try:
+            await call.initial_metadata()  # returns (empty) also when the call failed
+            if not call.done():
+                connected = True
+                self._connected.set()
+                log_event("next_hop_connected", peer=self.peer, address=self.address)
+            async for frame in call:
+                self._on_frame(frame, assembler)
+            reason = "stream closed by the peer"
+        except grpc.RpcError as rpc_error:
+            reason = error_from_rpc(rpc_error).message or "stream failed"
+        finally:
+            queue.put_nowait(None)  # ends the request iterator
+            call.cancel()
+        error = ServiceError(StatusCode.UNAVAILABLE, f"{self.peer} at {self.address}: {reason}")
+        return error, connected
+
+    def _on_frame(self, frame: Any, assembler: FrameAssembler) -> None:
+        future = self._inflight.get(frame.microbatch_id)
+        if frame.HasField("error"):
+            assembler.release(frame.microbatch_id)
+            _settle(future, error=error_from_status(frame.error))
+            return
+        try:
+            done = assembler.add(frame)
+        except WireError as error:
+            _settle(future, error=ServiceError(StatusCode.INTERNAL, f"bad reply from "
+                                             f"{self.peer} at {self.address}: {error}"))
+            return
+        if done is not None:
+            assembler.release(done.id)
+            WIRE_BYTES.labels("rx", self.peer).inc(done.first_frame.payload_bytes)
+            _settle(future, result=(done.tensors, list(done.first_frame.compute_seconds)))
+
+    def _fail_inflight(self, error: ServiceError) -> None:
+        for future in list(self._inflight.values()):
+            _settle(future, error=ServiceError(error.code, error.message))
+        self._inflight.clear()
+
+    async def describe(self) -> list[stage_pb2.StageInfo]:
+        """DescribeChain of the stage and every stage after it."""
+        try:
+            reply = await self._stub.DescribeChain(stage_pb2.DescribeChainRequest(),
+                                                   timeout=DESCRIBE_TIMEOUT_S)
+        except grpc.RpcError as rpc_error:
+            error = error_from_rpc(rpc_error)
+            raise ServiceError(error.code, f"{self.peer} at {self.address}: "
+                                         f"{error.message}") from None
+        return list(reply.stages)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._fail_inflight(ServiceError(StatusCode.UNAVAILABLE, "client closed"))
+        await self._channel.close()
+
+
+async def _drain(queue: asyncio.Queue) -> AsyncIterator[Any]:
+    """The request side of a stream: frames as calls enqueue them."""
+    while (frame := await queue.get()) is not None:
+        yield frame
+
+
+def _settle(future: asyncio.Future | None, result: Any = None,
+            error: BaseException | None = None) -> None:
+    """Resolves a caller's future unless it is gone (cancelled or already failed)."""
+    if future is None or future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def description_from_info(info: stage_pb2.StageInfo) -> StageDescription:
+    return StageDescription(
+        stage_index=info.stage_index, num_stages=info.num_stages,
+        block_start=info.block_start, block_end=info.block_end, depth=info.depth,
+        model_name=info.model_name, model_config_json=info.model_config_json,
+        weight_hash=info.weight_hash, wire_dtype=info.wire_datatype, address=info.address,
+        device=info.device, max_batch_size=info.max_batch_size, serving=info.serving)
+
+
+def info_from_description(d: StageDescription) -> stage_pb2.StageInfo:
+    return stage_pb2.StageInfo(
+        stage_index=d.stage_index, num_stages=d.num_stages, block_start=d.block_start,
+        block_end=d.block_end, depth=d.depth, model_name=d.model_name,
+        model_config_json=d.model_config_json, weight_hash=d.weight_hash,
+        wire_datatype=d.wire_dtype, address=d.address, device=d.device,
+        max_batch_size=d.max_batch_size, serving=d.serving)

@@ -1,0 +1,45 @@
+"""Class names come from the config or the checkpoint (never from hashing weights)."""
+
+from __future__ import annotations
+
+import pytest
+from ditserve.config import ConfigError
+from ditserve.coordinator.model_info import class_names
+from ditserve.demo import DEMO_DIT_PATH, DEMO_WEIGHTS
+from ditserve.model import DiTConfig
+
+TEN = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2,
+                num_heads=2, num_classes=10)
+
+
+def _lines(path) -> list[str]:
+    return [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def test_the_demo_checkpoint_brings_its_own_names():
+    names = class_names(TEN, checkpoint=str(DEMO_DIT_PATH))
+    assert names == _lines(DEMO_WEIGHTS / "class_names.txt") and len(names) == 10
+
+
+def test_names_beside_any_checkpoint_are_used(tmp_path):
+    checkpoint = tmp_path / "mine.safetensors"
+    checkpoint.write_bytes(b"")  # only its folder is looked at
+    (tmp_path / "class_names.txt").write_text("\n".join(f"shape {i}" for i in range(10)))
+    assert class_names(TEN, checkpoint=str(checkpoint))[9] == "shape 9"
+
+
+def test_the_config_file_comes_first_and_must_match_the_model(tmp_path):
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(f"n{i}" for i in range(10)) + "\n\n")
+    assert class_names(TEN, str(names_file), str(DEMO_DIT_PATH))[0] == "n0"
+    names_file.write_text("only\ntwo\n")
+    with pytest.raises(ConfigError, match=r"names.txt has 2 names, the model has 10 classes"):
+        class_names(TEN, str(names_file))
+    with pytest.raises(ConfigError, match="cannot read"):
+        class_names(TEN, str(tmp_path / "missing.txt"))
+
+
+def test_without_names_imagenet_for_1000_classes_else_numbered(tmp_path):
+    imagenet = class_names(DiTConfig(input_size=8, hidden_size=32, num_heads=2, depth=2))
+    assert len(imagenet) == 1000 and imagenet[207].startswith("golden retriever")
+    assert class_names(TEN, checkpoint=str(tmp_path / "x.pt"))[3] == "class 3"
