@@ -40,7 +40,7 @@ class Settings:
     repeats: int = 5
     """Calls per row count (the median is reported)."""
     threads: int = 1
-    """torch threads of the stage process."""
+    """torch threads of the stage process and of the calling side."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -97,6 +97,7 @@ async def hop_overhead(address: str, rows: int, tokens: int, width: int,
 def run(s: Settings) -> Report:
     from ditserve.model import dit_config
 
+    torch.set_num_threads(s.threads)  # the client's side of the hop gets the same threads
     config = dit_config(s.model, input_size=s.latent_size)
     tokens, width = config.num_tokens, config.hidden_size
     rows, samples = [], {}

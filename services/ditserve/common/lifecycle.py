@@ -25,6 +25,7 @@ soon as the shutdown above is done (see there why).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import os
 import signal
@@ -41,14 +42,20 @@ from grpc_reflection.v1alpha import reflection
 from .grpc_options import MAX_MESSAGE_BYTES, server_options
 from .logs import log_event
 from .metrics import serve_metrics
+from .status import UserError
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class ListenError(ValueError):
-    """The server cannot bind its address (port taken, address not on this host). A
-    ValueError so that the CLI prints it as one line."""
+_STARTED: contextvars.ContextVar[list[ServiceLifecycle] | None] = contextvars.ContextVar(
+    "ditserve_started_lifecycles", default=None)
+"""The lifecycles started under `run_service`, which stops them if `serve` fails."""
+
+
+class ListenError(UserError, ValueError):
+    """The server cannot bind its address (port taken, address not on this host): a
+    UserError, so the CLI prints it as one line."""
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -105,6 +112,9 @@ class ServiceLifecycle:
             await self.health.set(service, NOT_SERVING)
         port = self._bind()
         await self.server.start()
+        started = _STARTED.get()
+        if started is not None:
+            started.append(self)
         self._serve_metrics()
         self._install_signal_handlers()
         log_event("listening", name=self.name, address=self.listen, port=port,
@@ -170,9 +180,24 @@ def run_service(serve: Coroutine[Any, Any, None]) -> NoReturn:
     """Runs a service's `serve()` coroutine to its end, then ends the process at once.
 
     By the time `serve` returns, the lifecycle has drained the server, closed the channels
-    and stopped the compute threads; errors still raise (and print) normally."""
-    asyncio.run(serve)
+    and stopped the compute threads. If `serve` fails (weights that do not load), its
+    started servers are stopped before the event loop closes, then the error raises (and
+    prints) normally: a gRPC server left running past its loop is torn down by the
+    garbage collector on a closed loop ("Event loop is closed"; once, a SIGSEGV)."""
+    asyncio.run(_stopping_on_failure(serve))
     exit_process(0)
+
+
+async def _stopping_on_failure(serve: Coroutine[Any, Any, None]) -> None:
+    started: list[ServiceLifecycle] = []
+    _STARTED.set(started)
+    try:
+        await serve
+    except BaseException:
+        for lifecycle in started:
+            if not lifecycle._stopped.is_set():
+                await lifecycle.server.stop(0)
+        raise
 
 
 def exit_process(code: int) -> NoReturn:

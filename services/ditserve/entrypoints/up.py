@@ -11,15 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
+
+from ditserve.common.status import CommandError
+from ditserve.config import WireDtype
 
 if TYPE_CHECKING:
     from ditserve.common.process import ServiceFailed
     from ditserve.config import PipelineConfig
-from typing import get_args
-
-from ditserve.common.status import CommandError
-from ditserve.config import WireDtype
+    from ditserve.launcher.plan import ServiceSpec
 
 HELP = "start every service (stages, decoder, coordinator) as its own process on loopback"
 
@@ -102,16 +102,22 @@ def run(args: argparse.Namespace) -> int:
     check_server_install()  # before importing anything that needs the server extras
 
     import logging
-    import signal
 
     from ditserve.common.lifecycle import exit_process
-    from ditserve.common.process import Interrupted, ServiceFailed
-    from ditserve.launcher import preflight
-    from ditserve.launcher.plan import plan
-    from ditserve.launcher.supervisor import Supervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    # Check everything before starting anything:
+    config, specs, run_dir = _prepare(args)
+    code = _serve(config, specs, run_dir, args.start_timeout)
+    exit_process(code)  # the health checks' gRPC teardown would delay the exit by ~2 s
+
+
+def _prepare(args: argparse.Namespace) -> tuple[PipelineConfig, list[ServiceSpec], Path]:
+    """Checks everything before starting anything; writes the run's folder and config."""
+    import logging
+
+    from ditserve.launcher import preflight
+    from ditserve.launcher.plan import plan
+
     config = _config(args)
     preflight.check_model(config)
     preflight.check_vae(config)
@@ -123,11 +129,21 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("ditserve.up").warning(
             "serving on %s: plaintext gRPC without authentication, reachable from other "
             "hosts (the default, 127.0.0.1, is loopback only)", args.host)
-    # Start, serve, stop:
-    supervisor = Supervisor(specs, run_dir, args.start_timeout)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    return config, specs, run_dir
+
+
+def _serve(config: PipelineConfig, specs: list[ServiceSpec], run_dir: Path,
+           start_timeout: float) -> int:
+    """Starts the services, restarts what dies until SIGINT/SIGTERM, stops them all; the
+    exit status (2: a service could not start)."""
+    import signal
+
+    from ditserve.common.process import Interrupted, ServiceFailed
+    from ditserve.launcher.supervisor import Supervisor
+
+    supervisor = Supervisor(specs, run_dir, start_timeout)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also while starting: stop promptly
         signal.signal(sig, lambda *_: supervisor.stop_requested.set())
-    code = 0
     try:
         print(f"ditserve up: logs in {run_dir}", flush=True)
         supervisor.start_all()
@@ -135,15 +151,15 @@ def run(args: argparse.Namespace) -> int:
         supervisor.run_until_stopped()
     except ServiceFailed as failure:
         _report_failure(failure)
-        code = 2
+        return 2
     except Interrupted:
         pass
     finally:
         supervisor.stop_all()
-    exit_process(code)  # the health checks' gRPC teardown would delay the exit by ~2 s
+    return 0
 
 
-def _print_ready(config: PipelineConfig, specs: list) -> None:
+def _print_ready(config: PipelineConfig, specs: list[ServiceSpec]) -> None:
     if any(spec.metrics_port for spec in specs):
         print("ditserve up: metrics " + ", ".join(
             f"{spec.name} {spec.metrics_url()}" for spec in specs), flush=True)

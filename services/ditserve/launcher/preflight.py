@@ -18,7 +18,10 @@ SERVER_MODULES = ("torch", "safetensors", "diffusers", "numpy", "yaml", "grpc_he
 """What the services import beyond the client install (pyproject's `server` extra)."""
 
 
-class PreflightError(ValueError):
+from ditserve.common.status import UserError
+
+
+class PreflightError(UserError, ValueError):
     """An input of `ditserve up` that cannot work, found before starting anything."""
 
 
