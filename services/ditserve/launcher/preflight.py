@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ditserve.common.status import UserError
 from ditserve.config import PipelineConfig
 
 from .plan import ServiceSpec, host_port
@@ -16,9 +17,6 @@ from .plan import ServiceSpec, host_port
 SERVER_MODULES = ("torch", "safetensors", "diffusers", "numpy", "yaml", "grpc_health",
                   "grpc_reflection", "prometheus_client")
 """What the services import beyond the client install (pyproject's `server` extra)."""
-
-
-from ditserve.common.status import UserError
 
 
 class PreflightError(UserError, ValueError):
