@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import UpCluster, descendants, free_base_port, is_alive
+from ditserve.common.status import CommandError
 from ditserve.config import load_config
 from ditserve.launcher.plan import localize, plan
 from ditserve_client import Client
@@ -30,7 +31,8 @@ def cluster(tmp_path_factory, tiny_checkpoint, tiny_vae_dir):
     tmp = tmp_path_factory.mktemp("up")
     up = UpCluster(["--checkpoint", str(tiny_checkpoint), "--vae", str(tiny_vae_dir),
                     "--stages", "2", "--wire-dtype", "fp32",
-                    "--metrics-port", str(free_base_port(4))], tmp / "logs")
+                    "--metrics-port", str(free_base_port(4)),
+                    "--http-port", str(free_base_port(1))], tmp / "logs")
     try:
         yield up.start(), tmp
     finally:
@@ -110,6 +112,32 @@ def test_each_service_serves_metrics_on_its_own_port(cluster):
         assert "dit_" in text, name
 
 
+def test_http_port_starts_the_gateway_and_its_page(cluster):
+    """`up --http-port P`: the gateway starts after the coordinator, on loopback, its
+    /healthz follows the coordinator and / is the web page; the ready line says where."""
+    up, _ = cluster
+    line = next(line for line in up.lines if "web page and HTTP API at" in line)
+    url = line.split(" at ", 1)[1].strip()
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url + "healthz", timeout=10) as reply:
+        assert reply.status == 200
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        assert b"<html" in reply.read().lower()
+    with urllib.request.urlopen(url + "v1/model", timeout=10) as reply:
+        assert b'"num_classes": 10' in reply.read().replace(b'":10', b'": 10')
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    assert {host for host, p in _listening_sockets() if p == port} == {"127.0.0.1"}
+
+
+def test_ports_planned_twice_are_refused(tmp_path):
+    from ditserve.entrypoints.up import _check_distinct_ports
+
+    config = localize(load_config(REPO / "k8s" / "base" / "pipeline.yaml"), 50050)
+    specs = plan(config, tmp_path / "p.yaml", http_port=50051)  # the decoder's port
+    with pytest.raises(CommandError, match="port 50051 is planned twice: decoder and gateway"):
+        _check_distinct_ports(specs)
+
+
 def test_stages_and_decoder_start_together(cluster):
     """Every independent service is started before the first is waited for; the
     coordinator, which needs the chain, after all of them serve."""
@@ -169,7 +197,7 @@ def test_stopping_up_leaves_no_process(cluster):
     assert up.proc.wait(60) == 0
     assert not [pid for pid in children if is_alive(pid)]
     output = "".join(up.lines)
-    assert "stopped 4 services" in output and "killing it" not in output
+    assert "stopped 5 services" in output and "killing it" not in output
 
 
 def _metrics_ports(up: UpCluster) -> dict[str, int]:

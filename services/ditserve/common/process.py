@@ -127,12 +127,15 @@ def failure_cause(code: int, tail: list[str]) -> str:
 
 
 class ServiceProcess:
-    """A ditserve service in a child process that serves gRPC health at `address`, with its
-    stdout and stderr appended to `log_path`."""
+    """A ditserve service in a child process that serves gRPC health at `address` (or, with
+    health="http", GET /healthz: the HTTP gateway), with its stdout and stderr appended to
+    `log_path`."""
 
     def __init__(self, name: str, argv: Sequence[str], address: str, log_path: Path,
-                 env: Mapping[str, str] | None = None):
-        self.name, self.argv, self.address = name, tuple(argv), address
+                 env: Mapping[str, str] | None = None, health: str = "grpc"):
+        if health not in ("grpc", "http"):
+            raise ValueError(f"health must be grpc or http, got {health!r}")
+        self.name, self.argv, self.address, self.health = name, tuple(argv), address, health
         self.log_path = Path(log_path)
         self.env = dict(env) if env is not None else None
         self.proc: subprocess.Popen | None = None
@@ -158,6 +161,14 @@ class ServiceProcess:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def serving(self, timeout: float = 1.0) -> bool:
+        """Whether it answers its health check now."""
+        if self.health == "http":
+            from ditserve.gateway.probe import is_serving as http_serving  # stdlib only
+
+            return http_serving(self.address, timeout)
+        return is_serving(self.address, timeout)
 
     def wait_serving(self, timeout: float, stop: threading.Event | None = None) -> None:
         """Returns once it answers SERVING; ServiceFailed if it exits or times out,
@@ -209,7 +220,7 @@ def wait_serving(processes: Sequence[ServiceProcess], timeout: float,
         for process in list(waiting):
             if process.exited() is not None:
                 raise process.failed()
-            if is_serving(process.address, timeout=0.5):
+            if process.serving(timeout=0.5):
                 waiting.remove(process)
         if not waiting:
             return

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus /metrics of the coordinator on this port, the decoder "
                              "and stages on the next ones (same offsets as --port)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also start the HTTP/JSON gateway and its web page on this port "
+                             "(same host as the coordinator; default: none)")
     parser.add_argument("--log-dir", default=".ditserve-logs",
                         help="each run gets its own folder in LOG_DIR with its pipeline.yaml "
                              "and one NAME.log per service")
@@ -57,6 +60,8 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
         if port is not None and not 1 <= port <= 65535 - 64:
             raise CommandError(f"{flag} must be between 1 and {65535 - 64}, got {port}")
+    if args.http_port is not None and not 1 <= args.http_port <= 65535:
+        raise CommandError(f"--http-port must be between 1 and 65535, got {args.http_port}")
     if args.config:
         config = load_config(args.config)
     else:
@@ -122,7 +127,8 @@ def _prepare(args: argparse.Namespace) -> tuple[PipelineConfig, list[ServiceSpec
     preflight.check_model(config)
     preflight.check_vae(config)
     run_dir = _run_dir(args.log_dir, args.port)
-    specs = plan(config, run_dir / "pipeline.yaml", args.metrics_port)
+    specs = plan(config, run_dir / "pipeline.yaml", args.metrics_port, args.http_port)
+    _check_distinct_ports(specs)
     preflight.check_ports(specs)
     _write_config(config, run_dir)
     if args.host not in ("127.0.0.1", "::1", "localhost"):
@@ -159,10 +165,29 @@ def _serve(config: PipelineConfig, specs: list[ServiceSpec], run_dir: Path,
     return 0
 
 
+def _check_distinct_ports(specs: list[ServiceSpec]) -> None:
+    """No two services (or metrics endpoints) are planned on one port: --http-port and
+    --metrics-port must stay clear of --port's block."""
+    taken: dict[int, str] = {}
+    for spec in specs:
+        ports = [(int(spec.listen.rpartition(":")[2]), spec.name)]
+        if spec.metrics_port:
+            ports.append((spec.metrics_port, f"{spec.name}'s metrics"))
+        for port, what in ports:
+            if port in taken:
+                raise CommandError(f"port {port} is planned twice: {taken[port]} and {what} "
+                                   "(choose --port, --metrics-port and --http-port apart)")
+            taken[port] = what
+
+
 def _print_ready(config: PipelineConfig, specs: list[ServiceSpec]) -> None:
     if any(spec.metrics_port for spec in specs):
         print("ditserve up: metrics " + ", ".join(
-            f"{spec.name} {spec.metrics_url()}" for spec in specs), flush=True)
+            f"{spec.name} {spec.metrics_url()}" for spec in specs if spec.metrics_port),
+            flush=True)
+    for spec in specs:
+        if spec.health == "http":
+            print(f"ditserve up: web page and HTTP API at http://{spec.address}/", flush=True)
     print(f"ditserve up: coordinator at {config.coordinator.address} "
           f"({len(config.stages)} stages{', decoder' if config.decoder.address else ''}); "
           "Ctrl-C stops", flush=True)

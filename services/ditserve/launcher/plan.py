@@ -35,6 +35,8 @@ class ServiceSpec:
     healthy (stages and decoder are independent; the coordinator needs the chain)."""
     metrics_port: int | None = None
     """Port of its Prometheus endpoint, on the listen host; None for none."""
+    health: str = "grpc"
+    """How the launcher checks it: grpc.health.v1, or "http" (GET /healthz: the gateway)."""
 
     def metrics_url(self) -> str:
         host = self.address.rpartition(":")[0]
@@ -62,11 +64,12 @@ def localize(config: PipelineConfig, base_port: int, host: str = LOOPBACK) -> Pi
     return dataclasses.replace(config, stages=stages, coordinator=coordinator, decoder=decoder)
 
 
-def plan(config: PipelineConfig, config_file: Path,
-         metrics_port: int | None = None) -> list[ServiceSpec]:
+def plan(config: PipelineConfig, config_file: Path, metrics_port: int | None = None,
+         http_port: int | None = None) -> list[ServiceSpec]:
     """Every service of the pipeline: the stages (last first) and the decoder in wave 0,
-    the coordinator in wave 1. With `metrics_port` M the coordinator's metrics are on M,
-    the decoder's on M+1 and stage k's on M+2+k (the same offsets as the gRPC ports)."""
+    the coordinator in wave 1, the HTTP gateway (with `http_port`, on the coordinator's
+    host) in wave 2. With `metrics_port` M the coordinator's metrics are on M, the
+    decoder's on M+1 and stage k's on M+2+k (the same offsets as the gRPC ports)."""
     ditserve = (sys.executable, "-m", "ditserve.cli")
     config_arg = ("--config", str(config_file))
 
@@ -89,4 +92,12 @@ def plan(config: PipelineConfig, config_file: Path,
     specs.append(ServiceSpec("coordinator", (*ditserve, "coordinator", *config_arg, *flag),
                              config.coordinator.address, config.coordinator.listen_address(), 1,
                              port))
+    if http_port is not None:
+        listen_host = config.coordinator.listen_address().rpartition(":")[0].strip("[]")
+        dial_host = config.coordinator.address.rpartition(":")[0].strip("[]")
+        specs.append(ServiceSpec(
+            "gateway", (*ditserve, "gateway", "--target", config.coordinator.address,
+                        "--listen", host_port(listen_host, http_port)),
+            host_port(dial_host, http_port), host_port(listen_host, http_port), 2,
+            health="http"))
     return specs

@@ -61,7 +61,8 @@ class Supervisor:
     def __init__(self, specs: list[ServiceSpec], run_dir: Path, start_timeout: float = 300.0,
                  grace: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.services = [ManagedService(spec, ServiceProcess(spec.name, spec.argv, spec.address,
-                                                             run_dir / f"{spec.name}.log"))
+                                                             run_dir / f"{spec.name}.log",
+                                                             health=spec.health))
                          for spec in specs]
         self.start_timeout, self.grace, self.clock = start_timeout, grace, clock
         self.stop_requested = threading.Event()
