@@ -14,6 +14,8 @@ import hmac
 import re
 from pathlib import Path
 
+from ditserve.common.status import CommandError
+
 DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -31,17 +33,17 @@ class TokenCheck:
         try:
             text = Path(path).read_text()
         except OSError as error:
-            raise ValueError(f"cannot read tokens file {path}: {error.strerror}") from None
+            raise CommandError(f"cannot read tokens file {path}: {error.strerror}") from None
         digests = []
         for number, line in enumerate(text.splitlines(), 1):
             line = line.split("#", 1)[0].strip().lower()
             if line and not DIGEST.fullmatch(line):
-                raise ValueError(f"{path}:{number}: expected a sha256 hex digest (64 hex "
+                raise CommandError(f"{path}:{number}: expected a sha256 hex digest (64 hex "
                                  "digits), not a token or anything else")
             if line:
                 digests.append(line)
         if not digests:
-            raise ValueError(f"tokens file {path} lists no digest")
+            raise CommandError(f"tokens file {path} lists no digest")
         return cls(tuple(digests))
 
     @property

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from ditserve.common.status import CommandError
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -37,15 +39,15 @@ class GatewayConfig:
         host_port("--target", self.target)
         host_port("--listen", self.listen)
         if self.retries < 0:
-            raise ValueError(f"--retries must be >= 0, got {self.retries}")
+            raise CommandError(f"--retries must be >= 0, got {self.retries}")
         if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"--timeout must be positive, got {self.timeout}")
+            raise CommandError(f"--timeout must be positive, got {self.timeout}")
         if self.grace < 0:
-            raise ValueError(f"--grace must be >= 0, got {self.grace}")
+            raise CommandError(f"--grace must be >= 0, got {self.grace}")
         if self.heartbeat <= 0:
-            raise ValueError(f"--heartbeat must be positive, got {self.heartbeat}")
+            raise CommandError(f"--heartbeat must be positive, got {self.heartbeat}")
         if not self.tokens_file and not self.allow_unauthenticated and not self.loopback:
-            raise ValueError(f"--listen {self.listen} is not loopback: give --tokens-file "
+            raise CommandError(f"--listen {self.listen} is not loopback: give --tokens-file "
                              "(or --allow-unauthenticated to serve anyone)")
 
     @property
@@ -72,5 +74,5 @@ def host_port(flag: str, address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{flag} must be HOST:PORT, got {address!r}")
+        raise CommandError(f"{flag} must be HOST:PORT, got {address!r}")
     return host, int(port)

@@ -112,11 +112,12 @@ class GenerateBody:
         return cls(**values)
 
     def options(self) -> dict[str, Any]:
-        """Keyword options of `AsyncClient.generate` (which validates their ranges)."""
-        return {"seed": self.seed, "steps": self.num_steps, "sampler": self.sampler,
+        """Keyword options of `AsyncClient.generate` (which validates their ranges). The
+        body's 0s mean "the server's default", as in the proto; the SDK spells that None."""
+        return {"seed": self.seed, "steps": self.num_steps or None, "sampler": self.sampler,
                 "guidance": self.guidance_scale, "guidance_channels": self.guidance_channels,
                 "previews": self.preview_mode, "preview_every": self.preview_every,
-                "image_format": self.image_format, "quality": self.image_quality,
+                "image_format": self.image_format, "quality": self.image_quality or None,
                 "skip_images": self.skip_images, "return_latents": self.return_latents,
                 "request_id": self.request_id}
 
