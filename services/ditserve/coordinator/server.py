@@ -23,6 +23,8 @@ from ditserve.common.lifecycle import ServiceLifecycle
 from ditserve.common.logs import log_event
 from ditserve.config import PipelineConfig
 from ditserve.model import DiTConfig
+from ditserve.security.service import ServiceSecurity
+from ditserve.security.tls import Dialer
 
 from .engine import Engine
 from .model_info import ModelInfo
@@ -70,7 +72,7 @@ def build_chain(options: CoordinatorOptions) -> StageChain:
                                           options.config.model.name)
     from ditserve.chain.remote import RemoteChain
 
-    return RemoteChain(options.stage0)
+    return RemoteChain(options.stage0, dialer=_security(options).dialer())
 
 
 async def handshake(chain: StageChain, wire_dtype: str | None,
@@ -91,15 +93,21 @@ async def handshake(chain: StageChain, wire_dtype: str | None,
             await asyncio.sleep(HANDSHAKE_RETRY_SECONDS)
 
 
-def connect_decoder(address: str) -> Any | None:
+def connect_decoder(address: str, dialer: Dialer | None = None) -> Any | None:
     if not address:
         return None
     from ditserve.decoder.client import DecoderClient
 
-    return DecoderClient(address)
+    return DecoderClient(address, dialer=dialer)
+
+
+def _security(options: CoordinatorOptions) -> ServiceSecurity:
+    """TLS and tokens on the public API; mTLS to stage 0 and the decoder."""
+    return ServiceSecurity.public_api(options.config.security)
 
 
 async def serve(options: CoordinatorOptions) -> None:
+    _security(options).preflight()  # bad TLS files or tokens fail now, not after the handshake
     chain = build_chain(options)
     wire = None if options.local_checkpoint else options.config.wire_dtype
     try:
@@ -108,12 +116,12 @@ async def serve(options: CoordinatorOptions) -> None:
         await chain.close()
         raise
     model = DiTConfig.from_json(stages[0].model_config_json)
-    decoder = connect_decoder(options.decoder)
+    decoder = connect_decoder(options.decoder, _security(options).dialer())
     engine = Engine(chain, model, options.config.coordinator, len(stages), OutputMaker(decoder))
     info = ModelInfo(model, chain, options.config.coordinator, options.config.model.class_names,
                      _is_demo(options, stages[0]), has_decoder=decoder is not None)
     lifecycle = ServiceLifecycle("coordinator", options.listen, [SERVICE_NAME],
-                                 options.metrics_port, options.grace)
+                                 options.metrics_port, options.grace, security=_security(options))
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
         CoordinatorServicer(engine, info), lifecycle.server)
     lifecycle.on_shutdown(_closer(engine, chain, decoder))

@@ -8,12 +8,14 @@ Recipe: bind (health NOT_SERVING) → load the VAE off the event loop → one wa
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ditserve_client.proto.dit.v1 import decoder_pb2, decoder_pb2_grpc
 
 from ditserve.common.lifecycle import ServiceLifecycle
 from ditserve.common.logs import log_event
+from ditserve.config import SecurityConfig
+from ditserve.security.service import ServiceSecurity
 
 from .batching import DecodeBatcher
 from .decoder import VaeDecoder
@@ -38,12 +40,16 @@ class DecoderServerConfig:
     """Port of the Prometheus /metrics endpoint; None for none."""
     grace: float = 5.0
     """Seconds in-flight calls get to finish on SIGTERM."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """TLS/mTLS of its port; only the coordinator may call."""
 
 
 async def serve(config: DecoderServerConfig) -> None:
     """Runs the decoder until SIGTERM/SIGINT."""
+    security = ServiceSecurity.internal(config.security, "decoder", ["coordinator"])
     lifecycle = ServiceLifecycle("decoder", config.listen, [SERVICE_NAME],
-                                 metrics_port=config.metrics_port, grace=config.grace)
+                                 metrics_port=config.metrics_port, grace=config.grace,
+                                 security=security)
     servicer = DecoderServicer()
     decoder_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, lifecycle.server)
     await lifecycle.start()

@@ -12,6 +12,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ditserve.security.flags import add_arguments as add_security_arguments
+from ditserve.security.flags import security_from
+
 if TYPE_CHECKING:
     from ditserve.decoder.server import DecoderServerConfig
 
@@ -32,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, metavar="P",
                         help="serve Prometheus metrics on this port")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    add_security_arguments(parser)
 
 
 def demo_vae_path() -> str:
@@ -48,11 +52,12 @@ def demo_vae_path() -> str:
 
 def server_config(args: argparse.Namespace) -> DecoderServerConfig:
     """The config file's decoder section (if any) overridden by the flags."""
-    from ditserve.config import DecoderConfig, Environment, load_config
+    from ditserve.config import DecoderConfig, Environment, SecurityConfig, load_config
     from ditserve.decoder.server import DecoderServerConfig
 
     path = args.config or Environment.read().config
-    section = load_config(path).decoder if path else DecoderConfig()
+    config = load_config(path) if path else None
+    section = config.decoder if config else DecoderConfig()
     listen = args.listen or (section.listen_address() if section.address or section.listen
                              else DEFAULT_LISTEN)
     max_batch = args.max_batch if args.max_batch is not None else section.max_batch_size
@@ -63,7 +68,9 @@ def server_config(args: argparse.Namespace) -> DecoderServerConfig:
         raise FileNotFoundError(f"VAE folder {vae} has no config.json (a diffusers "
                                 "AutoencoderKL folder is needed)")
     return DecoderServerConfig(vae=vae, listen=listen, device=args.device or section.device,
-                               max_batch_size=max_batch, metrics_port=args.metrics_port)
+                               max_batch_size=max_batch, metrics_port=args.metrics_port,
+                               security=security_from(args, config.security if config
+                                                      else SecurityConfig()))
 
 
 def run(args: argparse.Namespace) -> int:

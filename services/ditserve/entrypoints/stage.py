@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ditserve.security.flags import add_arguments as add_security_arguments
+from ditserve.security.flags import security_from
+
 HELP = "Serve one pipeline stage (a contiguous range of DiT blocks) over gRPC."
 
 
@@ -30,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads for compute")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds in-flight calls get to finish on SIGTERM (default 5)")
+    add_security_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _from_flags(args: argparse.Namespace):
+    from ditserve.config import SecurityConfig
     from ditserve.model import open_checkpoint, parse_block_range, stage_block_range
     from ditserve.stage.server import StageOptions
 
@@ -63,6 +68,7 @@ def _from_flags(args: argparse.Namespace):
     return StageOptions(
         checkpoint=args.checkpoint, stage_index=args.stage, num_stages=args.stages,
         blocks=blocks, listen=args.listen, next_address=args.next or "", model_name=args.model,
+        security=security_from(args, SecurityConfig()),
         **_device_options(args.device or "cpu", args.wire_dtype or "bf16",
                           args.max_batch or 32, args.metrics_port))
 
@@ -88,6 +94,7 @@ def _from_config(args: argparse.Namespace, env):
         checkpoint=checkpoint, stage_index=index, num_stages=len(config.stages), blocks=blocks,
         listen=args.listen or stage.listen_address(), next_address=args.next or next_address,
         address=stage.address, model_name=config.model.name,
+        security=security_from(args, config.security),
         **_device_options(args.device or stage.device, args.wire_dtype or config.wire_dtype,
                           args.max_batch or config.max_batch_size, args.metrics_port))
 

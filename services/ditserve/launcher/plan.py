@@ -27,11 +27,13 @@ class ServiceSpec:
 def localize(config: PipelineConfig, base_port: int) -> PipelineConfig:
     """The config with every service on 127.0.0.1: coordinator at base_port, decoder at +1,
     stage k at +2+k; nothing else changes."""
-    stages = [dataclasses.replace(s, address=f"127.0.0.1:{base_port + 2 + k}", listen="")
-              for k, s in enumerate(config.stages)]
-    coordinator = dataclasses.replace(config.coordinator, address=f"127.0.0.1:{base_port}",
-                                      listen="")
-    decoder = dataclasses.replace(config.decoder, address=f"127.0.0.1:{base_port + 1}", listen="")
+    # Bind loopback, not every interface: a plaintext server off loopback refuses to start.
+    def here(port: int) -> dict[str, str]:
+        return {"address": f"127.0.0.1:{port}", "listen": f"127.0.0.1:{port}"}
+
+    stages = [dataclasses.replace(s, **here(base_port + 2 + k)) for k, s in enumerate(config.stages)]
+    coordinator = dataclasses.replace(config.coordinator, **here(base_port))
+    decoder = dataclasses.replace(config.decoder, **here(base_port + 1))
     return dataclasses.replace(config, stages=stages, coordinator=coordinator, decoder=decoder)
 
 
