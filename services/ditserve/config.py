@@ -142,7 +142,8 @@ class SecurityConfig:
         if not self.trust_domain or "/" in self.trust_domain:
             raise ConfigError(f"security.trust_domain must be a name without '/', got "
                               f"{self.trust_domain!r}")
-        if self.health_listen and not self.health_listen.rpartition(":")[2].isdigit():
+        host, _, port = self.health_listen.rpartition(":")
+        if self.health_listen and not (host and port.isdigit()):
             raise ConfigError(f"security.health_listen must be host:port, got "
                               f"{self.health_listen!r}")
         return self
