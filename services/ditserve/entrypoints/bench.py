@@ -4,7 +4,7 @@
     ditserve bench throughput --quick           # tiny sizes, seconds: a smoke test
     ditserve bench peer --set clients=1,16 --out-dir results/
 
-Scenarios: distribution, throughput, peer, wire, memory, gpu, forward (ditserve.bench).
+Scenarios: distribution, throughput, peer, wire, memory, gpu, forward, tls (ditserve.bench).
 `--set FIELD=VALUE` overrides any field of the scenario's Settings (lists comma-separated).
 """
 
@@ -18,7 +18,7 @@ import typing
 
 HELP = "Run a benchmark scenario; write <scenario>.json and <scenario>.md."
 
-SCENARIOS = ("distribution", "throughput", "peer", "wire", "memory", "gpu", "forward")
+SCENARIOS = ("distribution", "throughput", "peer", "wire", "memory", "gpu", "forward", "tls")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
