@@ -4,7 +4,9 @@ certificate rotation without a restart."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import stat
 
 import grpc
 import pytest
@@ -262,3 +264,26 @@ def test_certificates_of_the_throwaway_pki_name_their_service(tmp_path):
     assert (tmp_path / "tls/stage-0.key").stat().st_mode & 0o077 == 0
     assert made.token not in (tmp_path / "tls/tokens").read_text()
     assert made.security.tls and "{service}" in made.security.cert
+
+
+def test_secure_local_config_gives_every_service_a_certificate_and_hides_the_token(tmp_path):
+    from ditserve.config import local_config
+    from ditserve.launcher.pki import secure_local_config
+
+    plain = local_config(2, 56000)
+    config, made = secure_local_config(plain, tmp_path / "run")
+    assert dataclasses.replace(config, security=plain.security) == plain
+    for service in ("coordinator", "decoder", "stage-0", "stage-1"):
+        files = PemFiles.of(config.security.ca, config.security.cert, config.security.key, service)
+        files.read()  # present, matching, unexpired
+        assert files.cert.is_absolute()
+    hint = made.client_hint(config.coordinator.address)
+    assert made.token not in hint and str(made.ca_path) in hint
+    assert made.token_path.read_text().strip() == made.token
+    assert stat.S_IMODE(made.token_path.stat().st_mode) == 0o600
+
+    async def main():  # the launcher's health check reaches an mTLS-only stage
+        security = ServiceSecurity.internal(config.security, "stage-1", ["stage-0"])
+        async with serving(security, _stage) as server:
+            assert await health(f"127.0.0.1:{server.port}", made.health_credentials()) == SERVING
+    run(main())

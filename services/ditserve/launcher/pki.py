@@ -6,12 +6,19 @@
     coordinator.crt/.key        one certificate per service, signed by the CA, valid as
     decoder.crt/.key            server AND client (mTLS on every internal hop), with the
     stage-0.crt/.key ...        SANs localhost, 127.0.0.1, ::1 and its identity URI
-    tokens                      sha256 hash of one random bearer token (the token itself is
-                                returned, never written to disk)
+    tokens                      sha256 hash of one random bearer token
+    client-token                the token itself (0600), for the user: never printed, so it
+                                stays out of terminal logs and the process list
 
 and returns the `SecurityConfig` that points every service at its own files through the
 `{service}` placeholder, so one pipeline.yaml serves them all. The CA key is written nowhere:
 it lives only in this process and signs the run's certificates once.
+
+`ditserve up --tls` (entrypoints/up.py) wires it in three steps:
+
+    config, pki = secure_local_config(config, run_dir)      # after localize()
+    Supervisor(..., health_credentials=pki.health_credentials())  # mTLS health checks
+    print(pki.client_hint(config.coordinator.address))
 
 The certificates are made with the `cryptography` package (no hand-written crypto); the
 identity of a service is the URI SAN spiffe://TRUST_DOMAIN/SERVICE, as SPIFFE/Istio name
@@ -20,20 +27,21 @@ workloads, which the services check per hop (security/auth.py).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ditserve.config import SecurityConfig
-from ditserve.security.tokens import hash_token
+from ditserve.config import PipelineConfig, SecurityConfig
+from ditserve.security.tokens import hash_token, new_token
 
 LOCAL_NAMES = ("localhost",)
 LOCAL_IPS = ("127.0.0.1", "::1")
@@ -132,28 +140,56 @@ class RunPki:
     token: str
     """The bearer token of this run (its hash is in `security.tokens`)."""
 
+    token_path: Path
+    """The file holding `token` (0600)."""
+
     def client_hint(self, target: str) -> str:
-        """The line `ditserve up --tls` prints: how a client connects."""
-        return (f"ditserve generate --target {target} --tls --ca {self.ca_path} "
-                f"--token {self.token} --class 0   (or export DITSERVE_TOKEN={self.token})")
+        """What `ditserve up --tls` prints: how a client connects (the token by its file)."""
+        return (f"TLS with a throwaway CA; clients need the CA and the token:\n"
+                f"  export DITSERVE_TOKEN=$(cat {self.token_path})\n"
+                f"  ditserve generate --target {target} --tls --ca {self.ca_path} --class 0")
+
+    def health_credentials(self) -> grpc.ChannelCredentials:
+        """For the launcher's health checks: the CA and the coordinator's certificate (every
+        internal port asks for a client certificate; health is open to any of the CA)."""
+        folder = self.ca_path.parent
+        return grpc.ssl_channel_credentials(
+            self.ca_path.read_bytes(), (folder / "coordinator.key").read_bytes(),
+            (folder / "coordinator.crt").read_bytes())
 
 
 def make_run_pki(run_dir: Path, services: Sequence[str],
                  trust_domain: str = "ditserve.local") -> RunPki:
     """A CA, one certificate per service and one token, under RUN_DIR/tls (see the module
     docstring)."""
-    folder = Path(run_dir) / "tls"
+    folder = Path(run_dir).resolve() / "tls"  # absolute: services may run elsewhere
     folder.mkdir(parents=True, exist_ok=True)
     ca = make_ca()
     ca.write(folder / "ca.crt")
     for service in services:
         issue(ca, service, uris=[identity_uri(service, trust_domain)]).write(
             folder / f"{service}.crt", folder / f"{service}.key")
-    token = secrets.token_urlsafe(32)
-    tokens = folder / "tokens"
-    tokens.touch(mode=0o600)
+    token = new_token()
+    tokens, token_path = folder / "tokens", folder / "client-token"
+    for path in (tokens, token_path):
+        path.touch(mode=0o600)
     tokens.write_text(f"{hash_token(token)} ditserve-up\n")
+    token_path.write_text(token + "\n")
     security = SecurityConfig(
         tls=True, ca=str(folder / "ca.crt"), cert=str(folder / "{service}.crt"),
         key=str(folder / "{service}.key"), tokens=str(tokens), trust_domain=trust_domain)
-    return RunPki(security.validate(), folder / "ca.crt", token)
+    return RunPki(security.validate(), folder / "ca.crt", token, token_path)
+
+
+def service_names(config: PipelineConfig) -> list[str]:
+    """The services of a pipeline, by the names their certificates carry."""
+    names = ["coordinator", *(f"stage-{k}" for k in range(len(config.stages)))]
+    return names + (["decoder"] if config.decoder.address else [])
+
+
+def secure_local_config(config: PipelineConfig, run_dir: Path
+                        ) -> tuple[PipelineConfig, RunPki]:
+    """`config` served over TLS/mTLS with a throwaway CA made in RUN_DIR/tls (every other
+    field unchanged), and what clients need."""
+    pki = make_run_pki(run_dir, service_names(config), config.security.trust_domain)
+    return dataclasses.replace(config, security=pki.security), pki
