@@ -181,7 +181,7 @@ def test_plaintext_off_loopback_needs_an_explicit_flag(caplog):
         finally:
             await server.stop(0)
 
-    with pytest.raises(ValueError, match=r"refusing to serve plaintext on 0\.0\.0\.0:0"):
+    with pytest.raises(ValueError, match=r"refusing to serve decoder in plaintext on 0\.0\.0\.0:0"):
         run(bind(refusing, "0.0.0.0:0"))
     assert run(bind(refusing, "127.0.0.1:0")) > 0  # loopback: fine, no warning
     assert "plaintext_off_loopback" not in caplog.text

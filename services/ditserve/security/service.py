@@ -107,8 +107,8 @@ class ServiceSecurity:
         if not is_loopback(listen):
             if not self.config.allow_plaintext_off_loopback:
                 raise ValueError(
-                    f"{self.service}: refusing to serve plaintext on {listen}, which is not "
-                    "loopback; configure security.tls, or allow it explicitly "
+                    f"refusing to serve {self.service} in plaintext on {listen}, which is "
+                    "not loopback; configure security.tls, or allow it explicitly "
                     "(security.allow_plaintext_off_loopback, --insecure-plaintext)")
             log_event("plaintext_off_loopback", level=logging.WARNING, name=self.service,
                       address=listen, message="no TLS, no peer authentication on this port")
