@@ -35,6 +35,10 @@ from .tls import Dialer, PemFiles, server_credentials
 from .tokens import TokenFile
 
 
+HEALTH_MAX_CALLS = 32
+"""Concurrent calls the plaintext health-only port serves (beyond: RESOURCE_EXHAUSTED)."""
+
+
 def is_loopback(address: str) -> bool:
     """Whether a host:port binds loopback only ('[::]', '0.0.0.0' and names other than
     localhost do not)."""
@@ -118,7 +122,10 @@ class ServiceSecurity:
         """The plaintext health-only server on `health_listen`, started; None without one."""
         if not self.config.health_listen:
             return None
-        server = grpc.aio.server(options=server_options(64 * 1024))
+        # Small messages and few calls: a probe sends one tiny Check at a time, and an
+        # unauthenticated port must not hold many Watch streams open.
+        server = grpc.aio.server(options=server_options(64 * 1024),
+                                 maximum_concurrent_rpcs=HEALTH_MAX_CALLS)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         try:
             port = server.add_insecure_port(self.config.health_listen)
