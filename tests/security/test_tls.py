@@ -287,3 +287,15 @@ def test_secure_local_config_gives_every_service_a_certificate_and_hides_the_tok
         async with serving(security, _stage) as server:
             assert await health(f"127.0.0.1:{server.port}", made.health_credentials()) == SERVING
     run(main())
+
+
+def test_extra_hosts_become_sans_and_wildcards_do_not(tmp_path):
+    from cryptography import x509
+    from ditserve.launcher.pki import make_run_pki
+
+    make_run_pki(tmp_path, ["stage-0"], hosts=["10.1.2.3", "gpu-box.lan", "0.0.0.0", "[::]"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls/stage-0.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost", "gpu-box.lan"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1", "::1", "10.1.2.3"]

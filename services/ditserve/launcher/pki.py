@@ -16,8 +16,8 @@ it lives only in this process and signs the run's certificates once.
 
 `ditserve up --tls` (entrypoints/up.py) wires it in three steps:
 
-    config, pki = secure_local_config(config, run_dir)      # after localize()
-    Supervisor(..., health_credentials=pki.health_credentials())  # mTLS health checks
+    config, pki = secure_local_config(config, run_dir, [args.host])  # before pipeline.yaml
+    Supervisor(..., health_credentials=pki.health_credentials())      # mTLS health checks
     print(pki.client_hint(config.coordinator.address))
 
 The certificates are made with the `cryptography` package (no hand-written crypto); the
@@ -158,16 +158,32 @@ class RunPki:
             (folder / "coordinator.crt").read_bytes())
 
 
-def make_run_pki(run_dir: Path, services: Sequence[str],
-                 trust_domain: str = "ditserve.local") -> RunPki:
+def _san_lists(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(DNS names, IPs) for the certificates: loopback plus `hosts` (wildcards skipped)."""
+    names, ips = list(LOCAL_NAMES), list(LOCAL_IPS)
+    for host in hosts:
+        host = host.strip("[]")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            names += [host] if host and host not in names else []
+            continue
+        if not address.is_unspecified and str(address) not in ips:
+            ips.append(str(address))
+    return names, ips
+
+
+def make_run_pki(run_dir: Path, services: Sequence[str], trust_domain: str = "ditserve.local",
+                 hosts: Sequence[str] = ()) -> RunPki:
     """A CA, one certificate per service and one token, under RUN_DIR/tls (see the module
-    docstring)."""
+    docstring). `hosts`: names or IPs clients dial besides loopback (`up --host`)."""
     folder = Path(run_dir).resolve() / "tls"  # absolute: services may run elsewhere
     folder.mkdir(parents=True, exist_ok=True)
     ca = make_ca()
     ca.write(folder / "ca.crt")
+    names, ips = _san_lists(hosts)
     for service in services:
-        issue(ca, service, uris=[identity_uri(service, trust_domain)]).write(
+        issue(ca, service, names, ips, uris=[identity_uri(service, trust_domain)]).write(
             folder / f"{service}.crt", folder / f"{service}.key")
     token = new_token()
     tokens, token_path = folder / "tokens", folder / "client-token"
@@ -187,9 +203,9 @@ def service_names(config: PipelineConfig) -> list[str]:
     return names + (["decoder"] if config.decoder.address else [])
 
 
-def secure_local_config(config: PipelineConfig, run_dir: Path
+def secure_local_config(config: PipelineConfig, run_dir: Path, hosts: Sequence[str] = ()
                         ) -> tuple[PipelineConfig, RunPki]:
     """`config` served over TLS/mTLS with a throwaway CA made in RUN_DIR/tls (every other
-    field unchanged), and what clients need."""
-    pki = make_run_pki(run_dir, service_names(config), config.security.trust_domain)
+    field unchanged), and what clients need. `hosts`: extra SANs (`up --host`)."""
+    pki = make_run_pki(run_dir, service_names(config), config.security.trust_domain, hosts)
     return dataclasses.replace(config, security=pki.security), pki
