@@ -34,7 +34,6 @@ from .auth import AuthInterceptor, bearer_check, identity_check
 from .tls import Dialer, PemFiles, server_credentials
 from .tokens import TokenFile
 
-
 HEALTH_MAX_CALLS = 32
 """Concurrent calls the plaintext health-only port serves (beyond: RESOURCE_EXHAUSTED)."""
 
