@@ -299,3 +299,41 @@ def test_extra_hosts_become_sans_and_wildcards_do_not(tmp_path):
     assert names.get_values_for_type(x509.DNSName) == ["localhost", "gpu-box.lan"]
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == [
         "127.0.0.1", "::1", "10.1.2.3"]
+
+
+class _OpenStream(stage_pb2_grpc.StageServiceServicer):
+    """Accepts a Forward stream and keeps it open (a next hop that is up)."""
+
+    async def Forward(self, request_iterator, context):
+        await context.send_initial_metadata(())
+        async for _ in request_iterator:
+            pass
+        return
+        yield
+
+
+def test_stage_client_reconnects_with_rotated_certificates(tmp_path):
+    """The hop's stream cannot open while the client's certificate is of the old CA; after
+    the client's files rotate, its next reconnection dials with them and the stream opens."""
+    from ditserve.chain.remote import StageClient
+
+    old, new = Pki(tmp_path / "old"), Pki(tmp_path / "new")
+    cert, key = old.leaf("stage-0")
+    mine = PemFiles(new.ca_path, cert, key)
+
+    def register(server: grpc.aio.Server) -> None:
+        stage_pb2_grpc.add_StageServiceServicer_to_server(_OpenStream(), server)
+
+    async def main():
+        async with serving(_stage1(new), register) as server:
+            client = StageClient(f"127.0.0.1:{server.port}", peer="stage-1", dialer=Dialer(mine))
+            try:
+                with pytest.raises(TimeoutError):
+                    await client.wait_connected(3)
+                rotated = issue(new.ca, "stage-0", uris=["spiffe://ditserve.local/stage-0"])
+                replace_atomically(key, rotated.key_pem)
+                replace_atomically(cert, rotated.cert_pem)
+                await client.wait_connected(30)
+            finally:
+                await client.close()
+    run(main())
