@@ -2,7 +2,8 @@
 
 The token travels as `authorization: Bearer <token>`: as call credentials on a TLS
 channel (grpc refuses them on plaintext), as call metadata on a plaintext one (for a
-TLS-terminating proxy on loopback, or tests).
+TLS-terminating proxy on loopback, or tests); never in plaintext to another host. Without
+an explicit token the SDK and the CLI take `DITSERVE_TOKEN` from the environment.
 
 Retries are gRPC's own (a retryPolicy in the channel's service config), shared by the sync
 and asyncio clients: a call that fails UNAVAILABLE is retried with exponential backoff
@@ -14,12 +15,17 @@ every attempt lies within the call's one deadline. References: grpc auth guide, 
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+TOKEN_ENV = "DITSERVE_TOKEN"
+"""Environment variable holding the bearer token when none is given (keeps it out of argv)."""
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest message received: a Result holds every image of a request."""
@@ -84,12 +90,18 @@ class ChannelSettings:
     tls: bool = False
     root_certificates: bytes | None = None
     token: str | None = None
+    """Bearer token; None: $DITSERVE_TOKEN if set; "": none."""
     retry: RetryPolicy = RetryPolicy()
 
     def __post_init__(self) -> None:
-        parse_target(self.target)
+        host, _ = parse_target(self.target)
         if self.root_certificates is not None and not self.tls:
             raise ValueError("root certificates given without tls")
+        if self.token is None:
+            object.__setattr__(self, "token", os.environ.get(TOKEN_ENV) or None)
+        if self.token and not self.tls and not _is_loopback(host):
+            raise ValueError(f"refusing to send a bearer token in plaintext to {host}; "
+                             "connect with tls")
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         """Channel credentials for TLS (with the token as call credentials), else None."""
@@ -117,6 +129,14 @@ class ChannelSettings:
         if self.token and not self.tls:
             return (("authorization", f"Bearer {self.token}"),)
         return ()
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def read_certificates(path: str | Path | None) -> bytes | None:

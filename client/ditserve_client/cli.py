@@ -41,7 +41,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls", action="store_true", help="connect with TLS")
     group.add_argument("--ca", default=None, metavar="FILE",
                        help="PEM root certificates for --tls (default: the system's)")
-    group.add_argument("--token", default=None, help="bearer token sent with every call")
+    group.add_argument("--token", default=None,
+                       help="bearer token sent with every call (default: $DITSERVE_TOKEN, "
+                            "which keeps it out of the process list)")
 
 
 def connect(args: argparse.Namespace) -> Client:

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "inspect": "inspect",
     "train-demo": "train_demo",
     "bench": "bench",
+    "token": "token",
 }
 
 

@@ -116,6 +116,58 @@ class DecoderConfig:
 
 
 @dataclass
+class SecurityConfig:
+    """TLS on every port, mTLS between services, bearer tokens on the public API (one
+    section for the whole pipeline; docs/ in security/__init__.py)."""
+
+    tls: bool = False
+    """Serve TLS on every gRPC port and dial every internal hop (coordinator → stage 0,
+    stage K → stage K+1, coordinator → decoder) with mTLS, `cert` as client certificate.
+    Stages and the decoder then accept only peers with a certificate from `ca`."""
+    ca: str = ""
+    """PEM file of the pipeline's CA: verifies the peers' certificates."""
+    cert: str = ""
+    """PEM certificate chain of this service. "{service}" is replaced by the service's
+    name (coordinator, decoder, stage-K), so that one file can describe a local pipeline."""
+    key: str = ""
+    """PEM private key of `cert` ("{service}" likewise)."""
+    tokens: str = ""
+    """File of the bearer tokens admitted on the coordinator's public API, as sha256 hashes
+    ("sha256:HEX [name]" per line; `ditserve token`). Empty: no token is asked for."""
+    verify_peer_identity: bool = True
+    """With tls: each service accepts calls only from the one before it in the chain
+    (stage K from stage K-1, stage 0 and the decoder from the coordinator), named by the
+    URI SAN spiffe://TRUST_DOMAIN/NAME of its certificate. Off: any certificate of `ca`."""
+    trust_domain: str = "ditserve.local"
+    """Trust domain of those identity URIs."""
+    health_listen: str = ""
+    """host:port of a plaintext server that answers grpc.health.v1 only, for probes that
+    cannot speak TLS (Kubernetes' native gRPC probes). Empty: none."""
+    allow_plaintext_off_loopback: bool = False
+    """Serve plaintext on a non-loopback address (logged as a warning). Without it such a
+    server refuses to start: plaintext is never the silent default off loopback."""
+
+    def validate(self) -> SecurityConfig:
+        for f in dataclasses.fields(self):  # a quoted "false" must not turn TLS on
+            kind = bool if f.type in ("bool", bool) else str
+            if not isinstance(getattr(self, f.name), kind):
+                raise ConfigError(f"security.{f.name} must be a {kind.__name__}, got "
+                                  f"{getattr(self, f.name)!r}")
+        if self.tls:
+            missing = [n for n in ("ca", "cert", "key") if not getattr(self, n)]
+            if missing:
+                raise ConfigError(f"security.tls needs security.{missing[0]} (a PEM file)")
+        if not self.trust_domain or "/" in self.trust_domain:
+            raise ConfigError(f"security.trust_domain must be a name without '/', got "
+                              f"{self.trust_domain!r}")
+        host, _, port = self.health_listen.rpartition(":")
+        if self.health_listen and not (host and port.isdigit()):
+            raise ConfigError(f"security.health_listen must be host:port, got "
+                              f"{self.health_listen!r}")
+        return self
+
+
+@dataclass
 class PipelineConfig:
     """One whole pipeline: the model, its stages in chain order, coordinator and decoder."""
 
@@ -131,8 +183,11 @@ class PipelineConfig:
     """The coordinator."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     """The decoder."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """TLS, mTLS and tokens; the default serves plaintext on loopback only."""
 
     def validate(self) -> PipelineConfig:
+        self.security.validate()
         _check_types(self, "")
         if not self.stages:
             raise ConfigError("stages: at least one stage is needed")
@@ -207,7 +262,8 @@ def _describe(hint: Any) -> str:
 
 
 def _value(f: dataclasses.Field, value: Any, where: str) -> Any:
-    nested = {"model": ModelConfig, "coordinator": CoordinatorConfig, "decoder": DecoderConfig}
+    nested = {"model": ModelConfig, "coordinator": CoordinatorConfig, "decoder": DecoderConfig,
+              "security": SecurityConfig}
     if f.name in nested and f.type in (nested[f.name].__name__, nested[f.name]):
         return _build(nested[f.name], value, where)
     if f.name == "stages":

@@ -34,7 +34,8 @@ from ditserve.model.partition import parse_block_range, stage_block_range
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 VARIANTS = {"base": K8S / "base", "gpu-4stage": K8S / "overlays/gpu-4stage",
-            "lws": K8S / "overlays/lws", "cpu-demo": K8S / "overlays/cpu-demo"}
+            "lws": K8S / "overlays/lws", "cpu-demo": K8S / "overlays/cpu-demo",
+            "mtls": K8S / "overlays/mtls"}
 KUBERNETES_VERSION = "1.32.0"
 GPU = "nvidia.com/gpu"
 GRPC_PORT, METRICS_PORTS, GATEWAY_PORT = 50051, {9100, 9101}, 8080
@@ -141,7 +142,8 @@ def _kubernetes_validate(paths: list[Path]) -> subprocess.CompletedProcess:
 def _core_documents(docs: tuple[Doc, ...]) -> list[Doc]:
     """Everything the bundled schemas know, plus each LWS pod template as a v1 PodTemplate
     (the vendored CRD elides those subtrees; they are core/v1 PodTemplateSpecs)."""
-    core = [d for d in docs if d["kind"] != LWS_KIND]
+    core = [d for d in docs if d["kind"] != LWS_KIND
+            and not d["apiVersion"].startswith("cert-manager.io/")]  # test_mtls_overlay.py
     for lws in of_kind(docs, LWS_KIND):
         for part in ("leaderTemplate", "workerTemplate"):
             core.append({"apiVersion": "v1", "kind": "PodTemplate",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ditserve.common.status import ServiceError, StatusCode
+from ditserve.security.tls import Dialer
 from ditserve.stage.client import StageClient, description_from_info
 from ditserve.stage.runner import StageDescription
 from ditserve.wire import CHUNK_BYTES
@@ -23,9 +24,10 @@ from .base import ChainOutput
 class RemoteChain:
     """The StageChain of a relay chain of stage workers, reached through stage 0."""
 
-    def __init__(self, address: str, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, address: str, chunk_bytes: int = CHUNK_BYTES, dialer: Dialer | None = None):
         self.address = address
-        self._client = StageClient(address, peer="stage-0", chunk_bytes=chunk_bytes)
+        self._client = StageClient(address, peer="stage-0", chunk_bytes=chunk_bytes,
+                                   dialer=dialer)
 
     async def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                       request_ids: Sequence[str] = ()) -> ChainOutput:

@@ -14,6 +14,10 @@ References: grpc's Python examples `health_checking`, `reflection`,
     await lifecycle.set_serving()       # health SERVING (overall "" and each service)
     await lifecycle.wait_for_termination()   # returns after SIGTERM/SIGINT + drain
 
+`security` (ditserve.security.ServiceSecurity) chooses TLS or plaintext for the port, the
+call checks (tokens, peer identities) and an optional plaintext health-only port; without
+it the server is plaintext and refuses any address but loopback.
+
 On a signal (or `await lifecycle.shutdown()`): health → NOT_SERVING, the server stops
 accepting calls and in-flight calls get `grace` seconds to finish (`server.stop(grace)`);
 then `on_shutdown` callbacks run (close client channels, stop compute threads).
@@ -32,7 +36,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,6 +47,9 @@ from .grpc_options import MAX_MESSAGE_BYTES, server_options
 from .logs import log_event
 from .metrics import serve_metrics
 from .status import UserError
+
+if TYPE_CHECKING:
+    from ditserve.security.service import ServiceSecurity
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -91,11 +98,17 @@ class ServiceLifecycle:
 
     def __init__(self, name: str, listen: str, services: Sequence[str],
                  metrics_port: int | None = None, grace: float = 5.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 security: ServiceSecurity | None = None):
+        from ditserve.security.service import ServiceSecurity  # here: it imports ditserve.common
+
         self.name, self.listen, self.grace = name, listen, grace
         self.services = list(services)
         self.metrics_port = metrics_port
-        self.server = grpc.aio.server(options=server_options(max_message_bytes))
+        self.security = security or ServiceSecurity.internal(ServiceSecurity.PLAINTEXT, name, ())
+        self.server = grpc.aio.server(options=server_options(max_message_bytes),
+                                      interceptors=self.security.interceptors())
+        self._health_server: grpc.aio.Server | None = None
         self.health = HealthServicer()
         self._on_shutdown: list[Callable[[], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
@@ -112,6 +125,7 @@ class ServiceLifecycle:
             await self.health.set(service, NOT_SERVING)
         port = self._bind()
         await self.server.start()
+        self._health_server = await self.security.serve_health(self.health)
         started = _STARTED.get()
         if started is not None:
             started.append(self)
@@ -125,10 +139,13 @@ class ServiceLifecycle:
         """Binds the listen address; one clear line when it is taken (grpc only says
         "Failed to bind")."""
         try:
-            return self.server.add_insecure_port(self.listen)
+            port = self.security.bind(self.server, self.listen)
         except RuntimeError:
             cause = bind_error(self.listen) or "gRPC could not bind it"
             raise ListenError(f"{self.name} cannot listen on {self.listen}: {cause}") from None
+        if port == 0:
+            raise ListenError(f"{self.name} cannot listen on {self.listen}")
+        return port
 
     def _serve_metrics(self) -> None:
         """The Prometheus endpoint, on the same interface as the service."""
@@ -166,6 +183,8 @@ class ServiceLifecycle:
         await self.health.enter_graceful_shutdown()
         log_event("draining", name=self.name, grace_seconds=self.grace)
         await self.server.stop(self.grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         for callback in self._on_shutdown:
             await callback()
         log_event("stopped", name=self.name)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 log = logging.getLogger("ditserve.process")
 
@@ -84,12 +84,15 @@ def thread_env(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def is_serving(address: str, timeout: float = 1.0) -> bool:
-    """Whether the gRPC health service at `address` answers SERVING."""
+def is_serving(address: str, timeout: float = 1.0, credentials: Any = None) -> bool:
+    """Whether the gRPC health service at `address` answers SERVING (over TLS with
+    `credentials`, a grpc.ChannelCredentials)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    channel = (grpc.secure_channel(address, credentials) if credentials is not None
+               else grpc.insecure_channel(address))
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout)
@@ -132,10 +135,12 @@ class ServiceProcess:
     `log_path`."""
 
     def __init__(self, name: str, argv: Sequence[str], address: str, log_path: Path,
-                 env: Mapping[str, str] | None = None, health: str = "grpc"):
+                 env: Mapping[str, str] | None = None, health: str = "grpc",
+                 health_credentials: Any = None):
         if health not in ("grpc", "http"):
             raise ValueError(f"health must be grpc or http, got {health!r}")
         self.name, self.argv, self.address, self.health = name, tuple(argv), address, health
+        self.health_credentials = health_credentials
         self.log_path = Path(log_path)
         self.env = dict(env) if env is not None else None
         self.proc: subprocess.Popen | None = None
@@ -168,7 +173,7 @@ class ServiceProcess:
             from ditserve.gateway.probe import is_serving as http_serving  # stdlib only
 
             return http_serving(self.address, timeout)
-        return is_serving(self.address, timeout)
+        return is_serving(self.address, timeout, self.health_credentials)
 
     def wait_serving(self, timeout: float, stop: threading.Event | None = None) -> None:
         """Returns once it answers SERVING; ServiceFailed if it exits or times out,

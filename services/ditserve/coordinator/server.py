@@ -26,6 +26,8 @@ from ditserve.config import PipelineConfig
 from ditserve.decoder.client import DecoderClient
 from ditserve.model import DiTConfig
 from ditserve.sampling.previews import LatentRgbMap
+from ditserve.security.service import ServiceSecurity
+from ditserve.security.tls import Dialer
 from ditserve.stage.runner import StageDescription
 
 from .engine import Engine
@@ -70,7 +72,7 @@ def build_chain(options: CoordinatorOptions) -> StageChain:
         return LocalChain.from_checkpoint(options.local_checkpoint, options.local_stages,
                                           options.config.wire_dtype,
                                           options.config.model.name)
-    return RemoteChain(options.stage0)
+    return RemoteChain(options.stage0, dialer=_security(options).dialer())
 
 
 async def handshake(chain: StageChain, wire_dtype: str | None,
@@ -95,11 +97,17 @@ async def handshake(chain: StageChain, wire_dtype: str | None,
         await asyncio.sleep(HANDSHAKE_RETRY_SECONDS)
 
 
-def connect_decoder(address: str) -> DecoderClient | None:
-    return DecoderClient(address) if address else None
+def connect_decoder(address: str, dialer: Dialer | None = None) -> DecoderClient | None:
+    return DecoderClient(address, dialer=dialer) if address else None
+
+
+def _security(options: CoordinatorOptions) -> ServiceSecurity:
+    """TLS and tokens on the public API; mTLS to stage 0 and the decoder."""
+    return ServiceSecurity.public_api(options.config.security)
 
 
 async def serve(options: CoordinatorOptions) -> None:
+    _security(options).preflight()  # bad TLS files or tokens fail now, not after the handshake
     chain = build_chain(options)
     wire = None if options.local_checkpoint else options.config.wire_dtype
     # The preview fit (seconds: it loads the VAE) runs beside the handshake and serving;
@@ -112,13 +120,13 @@ async def serve(options: CoordinatorOptions) -> None:
         raise
     model = DiTConfig.from_json(stages[0].model_config_json)
     names = class_names(model, options.config.model.class_names, _checkpoint(options))
-    decoder = connect_decoder(options.decoder)
+    decoder = connect_decoder(options.decoder, _security(options).dialer())
     engine = Engine(chain, model, options.config.coordinator, len(stages),
                     OutputMaker(decoder, previews))
     info = ModelInfo(model, chain, options.config.coordinator, names,
                      has_decoder=decoder is not None)
     lifecycle = ServiceLifecycle("coordinator", options.listen, [SERVICE_NAME],
-                                 options.metrics_port, options.grace)
+                                 options.metrics_port, options.grace, security=_security(options))
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
         CoordinatorServicer(engine, info), lifecycle.server)
     lifecycle.on_shutdown(_closer(engine, chain, decoder))

@@ -9,12 +9,14 @@ Recipe: check that the VAE belongs to the model (pairing.py) → bind (health NO
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ditserve_client.proto.dit.v1 import decoder_pb2, decoder_pb2_grpc
 
 from ditserve.common.lifecycle import ServiceLifecycle
 from ditserve.common.logs import log_event
+from ditserve.config import SecurityConfig
+from ditserve.security.service import ServiceSecurity
 
 from .batching import DecodeBatcher
 from .decoder import VaeDecoder
@@ -43,6 +45,8 @@ class DecoderServerConfig:
     checkpoint: str | None = None
     """The DiT whose latents this decoder decodes; a VAE that does not belong to it is
     refused at start-up. None: unknown (a decoder started on its own), not checked."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """TLS/mTLS of its port; only the coordinator may call."""
 
 
 async def serve(config: DecoderServerConfig) -> None:
@@ -50,8 +54,10 @@ async def serve(config: DecoderServerConfig) -> None:
     does not belong to the model."""
     if config.checkpoint is not None:
         await asyncio.to_thread(check_pairing, config.checkpoint, config.vae)
+    security = ServiceSecurity.internal(config.security, "decoder", ["coordinator"])
     lifecycle = ServiceLifecycle("decoder", config.listen, [SERVICE_NAME],
-                                 metrics_port=config.metrics_port, grace=config.grace)
+                                 metrics_port=config.metrics_port, grace=config.grace,
+                                 security=security)
     servicer = DecoderServicer()
     decoder_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, lifecycle.server)
     await lifecycle.start()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 
 from ditserve.common.status import CommandError
+from ditserve.security.flags import add_arguments as add_security_arguments
+from ditserve.security.flags import security_from
 
 HELP = "Serve the coordinator: the denoising loop with step-level batching over the chain."
 
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-stages", type=int, default=1,
                         help="with --local: stages emulated in process (default 1)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (with --local)")
+    add_security_arguments(parser, public=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +56,7 @@ def _options(args: argparse.Namespace, env):
     if not path and not args.local:
         raise CommandError("--config is required (or --local --checkpoint FILE)")
     config = load_config(path) if path else PipelineConfig()
+    config.security = security_from(args, config.security)
     if args.local_stages < 1:
         raise CommandError(f"--local-stages must be positive, got {args.local_stages}")
     decoder = args.decoder if args.decoder is not None else config.decoder.address

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ditserve.common.status import CommandError
+from ditserve.security.flags import add_arguments as add_security_arguments
+from ditserve.security.flags import security_from
 
 if TYPE_CHECKING:
     from ditserve.decoder.server import DecoderServerConfig
@@ -38,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, metavar="P",
                         help="serve Prometheus metrics on this port")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    add_security_arguments(parser)
 
 
 def demo_vae_path() -> str:
@@ -52,7 +55,7 @@ def demo_vae_path() -> str:
 
 def server_config(args: argparse.Namespace) -> DecoderServerConfig:
     """The config file's decoder section (if any) overridden by the flags."""
-    from ditserve.config import DecoderConfig, Environment, load_config
+    from ditserve.config import DecoderConfig, Environment, SecurityConfig, load_config
     from ditserve.decoder.server import DecoderServerConfig
 
     path = args.config or Environment.read().config
@@ -75,7 +78,9 @@ def server_config(args: argparse.Namespace) -> DecoderServerConfig:
         checkpoint = resolve_checkpoint(checkpoint)
     return DecoderServerConfig(vae=vae, listen=listen, device=args.device or section.device,
                                max_batch_size=max_batch, metrics_port=args.metrics_port,
-                               checkpoint=checkpoint)
+                               checkpoint=checkpoint,
+                               security=security_from(args, pipeline.security if pipeline
+                                                      else SecurityConfig()))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ from typing import get_args
 
 from ditserve.common.status import CommandError
 from ditserve.config import WireDtype
+from ditserve.security.flags import add_arguments as add_security_arguments
+from ditserve.security.flags import security_from
 
 HELP = "Serve one pipeline stage (a contiguous range of DiT blocks) over gRPC."
 
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads for compute")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds in-flight calls get to finish on SIGTERM (default 5)")
+    add_security_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _from_flags(args: argparse.Namespace):
+    from ditserve.config import SecurityConfig
     from ditserve.model import open_checkpoint, parse_block_range, stage_block_range
     from ditserve.stage.server import StageOptions
 
@@ -69,6 +73,7 @@ def _from_flags(args: argparse.Namespace):
         checkpoint=args.checkpoint, stage_index=args.stage, num_stages=args.stages,
         blocks=blocks, listen=args.listen, next_address=args.next or "", model_name=args.model,
         reader=reader,
+        security=security_from(args, SecurityConfig()),
         **_device_options(args.device or "cpu", args.wire_dtype or "bf16",
                           args.max_batch or 32, args.metrics_port))
 
@@ -95,6 +100,7 @@ def _from_config(args: argparse.Namespace, env):
         checkpoint=checkpoint, stage_index=index, num_stages=len(config.stages), blocks=blocks,
         listen=args.listen or stage.listen_address(), next_address=args.next or next_address,
         address=stage.address, model_name=config.model.name, reader=reader,
+        security=security_from(args, config.security),
         **_device_options(args.device or stage.device, args.wire_dtype or config.wire_dtype,
                           args.max_batch or config.max_batch_size, args.metrics_port))
 

@@ -19,6 +19,7 @@ from ditserve.config import WireDtype
 if TYPE_CHECKING:
     from ditserve.common.process import ServiceFailed
     from ditserve.config import PipelineConfig
+    from ditserve.launcher.pki import RunPki
     from ditserve.launcher.plan import ServiceSpec
 
 HELP = "start every service (stages, decoder, coordinator) as its own process on loopback"
@@ -43,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus /metrics of the coordinator on this port, the decoder "
                              "and stages on the next ones (same offsets as --port)")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve every port over TLS and every internal hop over mTLS, with a "
+                             "throwaway CA made in the run folder; prints what clients need")
+    parser.add_argument("--insecure-plaintext", action="store_true",
+                        help="allow plaintext without authentication on a --host that is not "
+                             "loopback (otherwise refused: use --tls)")
     parser.add_argument("--http-port", type=int, default=None,
                         help="also start the HTTP/JSON gateway and its web page on this port "
                              "(same host as the coordinator; default: none)")
@@ -111,35 +118,50 @@ def run(args: argparse.Namespace) -> int:
     from ditserve.common.lifecycle import exit_process
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config, specs, run_dir = _prepare(args)
-    code = _serve(config, specs, run_dir, args.start_timeout)
+    config, specs, run_dir, pki = _prepare(args)
+    code = _serve(config, specs, run_dir, args.start_timeout, pki)
     exit_process(code)  # the health checks' gRPC teardown would delay the exit by ~2 s
 
 
-def _prepare(args: argparse.Namespace) -> tuple[PipelineConfig, list[ServiceSpec], Path]:
-    """Checks everything before starting anything; writes the run's folder and config."""
+def _prepare(args: argparse.Namespace) -> tuple[PipelineConfig, list[ServiceSpec], Path,
+                                                RunPki | None]:
+    """Checks everything before starting anything; writes the run's folder and config
+    (and, with --tls, its throwaway CA and certificates)."""
+    import dataclasses
     import logging
 
     from ditserve.launcher import preflight
     from ditserve.launcher.plan import plan
 
     config = _config(args)
+    off_loopback = args.host not in ("127.0.0.1", "::1", "localhost")
+    if off_loopback and not (args.tls or args.insecure_plaintext):
+        raise CommandError(f"--host {args.host} is not loopback: serve with --tls, or pass "
+                           "--insecure-plaintext to serve plaintext without authentication")
     preflight.check_model(config)
     preflight.check_vae(config)
     run_dir = _run_dir(args.log_dir, args.port)
-    specs = plan(config, run_dir / "pipeline.yaml", args.metrics_port, args.http_port)
+    pki = None
+    if args.tls:
+        from ditserve.launcher.pki import secure_local_config
+
+        config, pki = secure_local_config(config, run_dir, [args.host])
+    elif off_loopback:
+        security = dataclasses.replace(config.security, allow_plaintext_off_loopback=True)
+        config = dataclasses.replace(config, security=security)
+        logging.getLogger("ditserve.up").warning(
+            "serving on %s: plaintext gRPC without authentication, reachable from other "
+            "hosts (--insecure-plaintext; the default, 127.0.0.1, is loopback only)", args.host)
+    specs = plan(config, run_dir / "pipeline.yaml", args.metrics_port, args.http_port,
+                 gateway_ca=pki.ca_path if pki else None)
     _check_distinct_ports(specs)
     preflight.check_ports(specs)
     _write_config(config, run_dir)
-    if args.host not in ("127.0.0.1", "::1", "localhost"):
-        logging.getLogger("ditserve.up").warning(
-            "serving on %s: plaintext gRPC without authentication, reachable from other "
-            "hosts (the default, 127.0.0.1, is loopback only)", args.host)
-    return config, specs, run_dir
+    return config, specs, run_dir, pki
 
 
 def _serve(config: PipelineConfig, specs: list[ServiceSpec], run_dir: Path,
-           start_timeout: float) -> int:
+           start_timeout: float, pki: RunPki | None = None) -> int:
     """Starts the services, restarts what dies until SIGINT/SIGTERM, stops them all; the
     exit status (2: a service could not start)."""
     import signal
@@ -147,13 +169,16 @@ def _serve(config: PipelineConfig, specs: list[ServiceSpec], run_dir: Path,
     from ditserve.common.process import Interrupted, ServiceFailed
     from ditserve.launcher.supervisor import Supervisor
 
-    supervisor = Supervisor(specs, run_dir, start_timeout)
+    supervisor = Supervisor(specs, run_dir, start_timeout,
+                            health_credentials=pki.health_credentials() if pki else None)
     for sig in (signal.SIGINT, signal.SIGTERM):  # also while starting: stop promptly
         signal.signal(sig, lambda *_: supervisor.stop_requested.set())
     try:
         print(f"ditserve up: logs in {run_dir}", flush=True)
         supervisor.start_all()
         _print_ready(config, specs)
+        if pki is not None:
+            print(pki.client_hint(config.coordinator.address), flush=True)
         supervisor.run_until_stopped()
     except ServiceFailed as failure:
         _report_failure(failure)

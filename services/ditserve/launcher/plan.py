@@ -65,7 +65,7 @@ def localize(config: PipelineConfig, base_port: int, host: str = LOOPBACK) -> Pi
 
 
 def plan(config: PipelineConfig, config_file: Path, metrics_port: int | None = None,
-         http_port: int | None = None) -> list[ServiceSpec]:
+         http_port: int | None = None, gateway_ca: Path | None = None) -> list[ServiceSpec]:
     """Every service of the pipeline: the stages (last first) and the decoder in wave 0,
     the coordinator in wave 1, the HTTP gateway (with `http_port`, on the coordinator's
     host) in wave 2. With `metrics_port` M the coordinator's metrics are on M, the
@@ -97,7 +97,8 @@ def plan(config: PipelineConfig, config_file: Path, metrics_port: int | None = N
         dial_host = config.coordinator.address.rpartition(":")[0].strip("[]")
         specs.append(ServiceSpec(
             "gateway", (*ditserve, "gateway", "--target", config.coordinator.address,
-                        "--listen", host_port(listen_host, http_port)),
+                        "--listen", host_port(listen_host, http_port),
+                        *(("--tls", "--ca-file", str(gateway_ca)) if gateway_ca else ())),
             host_port(dial_host, http_port), host_port(listen_host, http_port), 2,
             health="http"))
     return specs

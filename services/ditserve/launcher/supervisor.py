@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ditserve.common.process import ServiceProcess, stop_all, wait_serving
 
@@ -59,10 +60,12 @@ class Supervisor:
     """Starts the planned services wave by wave and keeps them running until stopped."""
 
     def __init__(self, specs: list[ServiceSpec], run_dir: Path, start_timeout: float = 300.0,
-                 grace: float = 10.0, clock: Callable[[], float] = time.monotonic):
-        self.services = [ManagedService(spec, ServiceProcess(spec.name, spec.argv, spec.address,
-                                                             run_dir / f"{spec.name}.log",
-                                                             health=spec.health))
+                 grace: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 health_credentials: Any = None):
+        # health_credentials: grpc.ChannelCredentials for the health checks of TLS services.
+        self.services = [ManagedService(spec, ServiceProcess(
+            spec.name, spec.argv, spec.address, run_dir / f"{spec.name}.log",
+            health=spec.health, health_credentials=health_credentials))
                          for spec in specs]
         self.start_timeout, self.grace, self.clock = start_timeout, grace, clock
         self.stop_requested = threading.Event()

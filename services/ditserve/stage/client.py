@@ -34,6 +34,7 @@ from ditserve.common.grpc_options import MAX_MESSAGE_BYTES, channel_options
 from ditserve.common.logs import log_event
 from ditserve.common.metrics import WIRE_BYTES
 from ditserve.common.status import ServiceError, StatusCode
+from ditserve.security.tls import Dialer
 from ditserve.wire import CHUNK_BYTES, FrameAssembler, WireError, encode_frames
 
 from .runner import StageDescription
@@ -51,10 +52,11 @@ class StageClient:
     """Client of one stage's Forward stream (see the module docstring)."""
 
     def __init__(self, address: str, peer: str = "stage", chunk_bytes: int = CHUNK_BYTES,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, dialer: Dialer | None = None):
         self.address, self.peer, self.chunk_bytes = address, peer, chunk_bytes
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(
-            max_message_bytes))
+        self._dialer = dialer or Dialer()  # mTLS under security.tls, else plaintext
+        self._options = channel_options(max_message_bytes)
+        self._channel = self._dialer.channel(address, self._options)
         self._stub = stage_pb2_grpc.StageServiceStub(self._channel)
         self._ids = itertools.count(1)
         self._inflight: dict[int, asyncio.Future] = {}
@@ -127,6 +129,7 @@ class StageClient:
                       error=error.message, retry_in=round(backoff, 3))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
+            await self._redial_if_rotated()
             self._set_queue(asyncio.Queue())
 
     async def _stream(self, queue: asyncio.Queue) -> tuple[ServiceError, bool]:
@@ -151,6 +154,15 @@ class StageClient:
             call.cancel()
         error = ServiceError(StatusCode.UNAVAILABLE, f"{self.peer} at {self.address}: {reason}")
         return error, connected
+
+    async def _redial_if_rotated(self) -> None:
+        """A channel keeps the certificates it was made with: after a rotation the next
+        stream goes through a new one."""
+        channel = self._dialer.refresh(self.address, self._options)
+        if channel is not None:
+            old, self._channel = self._channel, channel
+            self._stub = stage_pb2_grpc.StageServiceStub(channel)
+            await old.close()
 
     def _on_frame(self, frame: Any, assembler: FrameAssembler) -> None:
         future = self._inflight.get(frame.microbatch_id)

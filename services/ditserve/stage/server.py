@@ -9,14 +9,16 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
 from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
+from ditserve.config import SecurityConfig
 from ditserve.model.checkpoint import CheckpointReader
+from ditserve.security.service import ServiceSecurity
 
 from .client import StageClient
 from .runner import StageRunner
@@ -59,16 +61,22 @@ class StageOptions:
     """Seconds in-flight microbatches get to finish on SIGTERM."""
     reader: CheckpointReader | None = None
     """`checkpoint` already opened (to read its depth), so the file is opened only once."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """TLS/mTLS of its port and of the hop to the next stage."""
 
 
 async def serve(options: StageOptions) -> None:
     """Runs the stage until SIGTERM/SIGINT."""
     name = f"stage-{options.stage_index}"
+    # Only the chain's previous hop may call: stage K-1, or the coordinator for stage 0.
+    caller = f"stage-{options.stage_index - 1}" if options.stage_index else "coordinator"
+    security = ServiceSecurity.internal(options.security, name, [caller])
     lifecycle = ServiceLifecycle(name, options.listen, [SERVICE_NAME],
-                                 options.metrics_port, options.grace)
+                                 options.metrics_port, options.grace, security=security)
     next_hop = None
     if options.next_address:
-        next_hop = StageClient(options.next_address, peer=f"stage-{options.stage_index + 1}")
+        next_hop = StageClient(options.next_address, peer=f"stage-{options.stage_index + 1}",
+                               dialer=security.dialer())
         lifecycle.on_shutdown(next_hop.close)
     servicer = StageServicer(None, next_hop)
     stage_pb2_grpc.add_StageServiceServicer_to_server(servicer, lifecycle.server)
