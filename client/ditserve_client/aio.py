@@ -4,11 +4,13 @@
         async for event in client.generate(["red circle"], seed=0):
             ...
 
-It shares request building, event decoding and the retry policy with `Client`.
+It shares request building, event decoding, the retry policy and the resumption of a
+broken stream (resume.py) with `Client`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -22,17 +24,19 @@ from .labels import ClassNames
 from .model_info import ModelInfo
 from .proto.dit.v1 import coordinator_pb2, coordinator_pb2_grpc
 from .reflection import list_services_async, not_the_coordinator
-from .request import EventReader, GenerateOptions
+from .request import GenerateOptions
+from .resume import RESUME_WINDOW_S, Resumption
 
 
 class AsyncClient:
     """Non-blocking client: `generate` is an async iterator of events."""
 
     def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
-                 token: str | None = None, timeout: float | None = None, retries: int = 3):
+                 token: str | None = None, timeout: float | None = None, retries: int = 3,
+                 resume_window: float = RESUME_WINDOW_S):
         self.settings = ChannelSettings(target, tls, root_certificates, token,
                                         RetryPolicy(retries))
-        self.timeout = timeout
+        self.timeout, self.resume_window = timeout, resume_window
         self._channel = self.settings.open(grpc.aio)
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self._info: ModelInfo | None = None
@@ -66,19 +70,25 @@ class AsyncClient:
     async def generate(self, class_labels_or_names: Sequence[Label],
                        **options: Any) -> AsyncIterator[Event]:
         """One request, one image per label: yields Accepted, Progress per step, Result
-        (the options of `Client.generate`)."""
+        (the options of `Client.generate`; a stream that breaks after Accepted is resumed)."""
         request = GenerateOptions.from_keywords(options).to_proto(
             await self.class_ids(class_labels_or_names))
-        call = self._stub.Generate(request, timeout=self.timeout,
-                                   metadata=self.settings.metadata())
-        reader = EventReader(request)
-        try:
-            async for message in call:
-                yield reader.read(message)
-        except grpc.RpcError as error:
-            raise await self._error(error) from None
-        finally:
-            call.cancel()  # the caller stopped early: free the server's slot
+        stream = Resumption(request, self.resume_window, self.timeout)
+        while True:
+            call = self._stub.Generate(stream.request, timeout=stream.timeout(),
+                                       metadata=self.settings.metadata())
+            try:
+                async for message in call:
+                    if (event := stream.read(message)) is not None:
+                        yield event
+                return
+            except grpc.RpcError as error:
+                delay = stream.retry_delay(error, self.settings.target)
+                if delay is None:
+                    raise stream.gave_up(await self._error(error)) from None
+            finally:
+                call.cancel()  # the caller stopped early: free the server's slot
+            await asyncio.sleep(delay)
 
     async def generate_result(self, class_labels_or_names: Sequence[Label],
                               **options: Any) -> Result:

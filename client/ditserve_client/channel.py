@@ -41,6 +41,9 @@ KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect at least every 5 s (gRPC's default backoff grows to 120 s): a restarted
+    # coordinator is found soon, and a broken stream resumes (resume.py).
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
 

@@ -8,10 +8,12 @@ this package and its base dependencies (grpcio, protobuf, Pillow), never torch. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .channel import read_certificates
@@ -23,6 +25,7 @@ from .model_info import ModelInfo
 from .npy import write_npy
 from .progress import ProgressBar
 from .request import MAX_GUIDANCE
+from .resume import RESUME_WINDOW_S
 
 DEFAULT_TARGET = "127.0.0.1:50050"
 USER_ERRORS = (DitserveError, PillowMissingError, ValueError, OSError)
@@ -38,6 +41,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                        f"{DEFAULT_TARGET})")
     group.add_argument("--timeout", type=float, default=None, metavar="S",
                        help="deadline of each call in seconds (default: none)")
+    group.add_argument("--resume-window", type=float, default=RESUME_WINDOW_S, metavar="S",
+                       help="seconds to wait for a restarted coordinator when a generation's "
+                       "stream breaks; it is then resumed with the same seed (default "
+                       f"{RESUME_WINDOW_S:g}; 0: fail at once)")
     group.add_argument("--tls", action="store_true", help="connect with TLS")
     group.add_argument("--ca", default=None, metavar="FILE",
                        help="PEM root certificates for --tls (default: the system's)")
@@ -49,7 +56,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 def connect(args: argparse.Namespace) -> Client:
     """A client for the connection flags (the target is checked here, before any call)."""
     return Client(args.target, tls=args.tls, root_certificates=read_certificates(args.ca),
-                  token=args.token, timeout=args.timeout, retries=3)
+                  token=args.token, timeout=args.timeout, retries=3,
+                  resume_window=args.resume_window)
 
 
 def positive_int(text: str) -> int:
@@ -152,7 +160,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.out = "out.png"
     image_format = _check_outputs(args)
     bar = ProgressBar()
-    with connect(args) as client:
+    with connect(args) as client, _sdk_warnings_on(bar):
         events = client.generate(
             args.classes, seed=args.seed, steps=args.steps, sampler=args.sampler,
             guidance=args.guidance, guidance_channels=args.guidance_channels,
@@ -171,6 +179,30 @@ def run_generate(args: argparse.Namespace) -> int:
                 bar.finish()
                 _write_result(args, event, client)
     return 0
+
+
+class _BarLogHandler(logging.Handler):
+    """The SDK's warnings (a stream resuming) as a line of their own above the bar."""
+
+    def __init__(self, bar: ProgressBar):
+        super().__init__(logging.WARNING)
+        self.bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.bar.message(f"ditserve generate: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _sdk_warnings_on(bar: ProgressBar) -> Iterator[None]:
+    sdk = logging.getLogger("ditserve_client")
+    handler, propagate = _BarLogHandler(bar), sdk.propagate
+    sdk.addHandler(handler)
+    sdk.propagate = False
+    try:
+        yield
+    finally:
+        sdk.removeHandler(handler)
+        sdk.propagate = propagate
 
 
 def _write_previews(folder: str | None, event: Progress) -> None:

@@ -8,12 +8,15 @@
         result.images[0].save("circle.png")
 
 Retries on UNAVAILABLE are the channel's (channel.py): GetModelInfo always, Generate only
-while no event has arrived (the server has not admitted the request yet). Request
+while no event has arrived (the server has not admitted the request yet). A Generate
+stream that breaks after Accepted (the coordinator crashed) is sent again, pinned to its
+seed, once the coordinator is back, and shows no event twice (resume.py). Request
 building and event decoding are shared with the asyncio client (request.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,7 +29,8 @@ from .labels import ClassNames
 from .model_info import ModelInfo
 from .proto.dit.v1 import coordinator_pb2, coordinator_pb2_grpc
 from .reflection import list_services, not_the_coordinator
-from .request import EventReader, GenerateOptions
+from .request import GenerateOptions
+from .resume import RESUME_WINDOW_S, Resumption
 
 Label = int | str
 
@@ -50,10 +54,13 @@ class Client:
     """Blocking client: `generate` yields Accepted, Progress..., Result."""
 
     def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
-                 token: str | None = None, timeout: float | None = None, retries: int = 3):
+                 token: str | None = None, timeout: float | None = None, retries: int = 3,
+                 resume_window: float = RESUME_WINDOW_S):
+        # timeout: deadline of each call (s); resume_window: seconds a broken Generate
+        # stream waits for the coordinator to come back (0: never resume).
         self.settings = ChannelSettings(target, tls, root_certificates, token,
                                         RetryPolicy(retries))
-        self.timeout = timeout
+        self.timeout, self.resume_window = timeout, resume_window
         self._channel = self.settings.open(grpc)
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self._info: ModelInfo | None = None
@@ -88,19 +95,25 @@ class Client:
     def generate(self, class_labels_or_names: Sequence[Label], **options: Any) -> Iterator[Event]:
         """One request, one image per label: yields Accepted, Progress per step, Result.
         Options are GenerateOptions' fields (seed, steps, sampler, guidance, ...); unset
-        ones take the server's defaults."""
+        ones take the server's defaults. A stream that breaks after Accepted is resumed."""
         request = GenerateOptions.from_keywords(options).to_proto(
             self.class_ids(class_labels_or_names))
-        call = self._stub.Generate(request, timeout=self.timeout,
-                                   metadata=self.settings.metadata())
-        reader = EventReader(request)
-        try:
-            for message in call:
-                yield reader.read(message)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        finally:
-            call.cancel()  # the caller stopped early: free the server's slot
+        stream = Resumption(request, self.resume_window, self.timeout)
+        while True:
+            call = self._stub.Generate(stream.request, timeout=stream.timeout(),
+                                       metadata=self.settings.metadata())
+            try:
+                for message in call:
+                    if (event := stream.read(message)) is not None:
+                        yield event
+                return
+            except grpc.RpcError as error:
+                delay = stream.retry_delay(error, self.settings.target)
+                if delay is None:
+                    raise stream.gave_up(self._error(error)) from None
+            finally:
+                call.cancel()  # the caller stopped early: free the server's slot
+            time.sleep(delay)
 
     def generate_result(self, class_labels_or_names: Sequence[Label], **options: Any) -> Result:
         """`generate` run to its end: the Result (same options)."""

@@ -47,6 +47,12 @@ def _trailers(error: grpc.RpcError) -> Iterable[tuple[str, str | bytes]] | None:
     return trailing() if callable(trailing) else None
 
 
+def has_status_details(error: grpc.RpcError) -> bool:
+    """Whether the status carries google.rpc.Status details: the server's own answer (every
+    ditserve service attaches them), not one gRPC made up for a failed connection."""
+    return any(key == STATUS_DETAILS_KEY for key, _ in _trailers(error) or ())
+
+
 def from_rpc_error(error: grpc.RpcError, target: str = "") -> DitserveError:
     """A grpc (sync or aio) RpcError → DitserveError, with RetryInfo parsed."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN

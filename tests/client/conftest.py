@@ -66,6 +66,12 @@ class Behaviour:
     """GetModelInfo calls that fail UNAVAILABLE."""
     fail_after_accepted: bool = False
     """Generate sends Accepted, then fails UNAVAILABLE."""
+    breaks: int = 0
+    """Generate calls whose stream breaks (UNAVAILABLE without status details, as a
+    coordinator's dying connection looks) after Accepted and `break_after` steps."""
+    break_after: int = 0
+    break_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+    break_message: str = "Socket closed"
     generate_error: grpc.Status | None = None
     """Generate fails with this status before any event."""
     class_names: list[str] = field(default_factory=list)
@@ -94,6 +100,7 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
             self.requests.append(request)
             self.metadata.append(dict(context.invocation_metadata()))
             failing = self.generate_calls <= b.fail_generate
+            breaking = self.generate_calls - b.fail_generate <= b.breaks
         if failing:
             context.abort_with_status(error_status(code_pb2.UNAVAILABLE, "warming up", 0.01))
         if b.generate_error is not None:
@@ -106,6 +113,8 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if b.fail_after_accepted:
             context.abort_with_status(error_status(code_pb2.UNAVAILABLE, "stage 1 died"))
         for step in range(1, steps + 1):
+            if breaking and step > b.break_after:
+                context.abort(b.break_code, b.break_message)
             yield coordinator_pb2.GenerateResponse(progress=self._progress(request, step, steps))
         yield coordinator_pb2.GenerateResponse(result=self._result(request))
 
