@@ -1,5 +1,5 @@
 """The launcher's supervisor on its own: restart backoff that resets after a healthy run,
-and stopping services of which some never started (issue 11 §2)."""
+and stopping services of which some never started (issue 11 §2); liveness probes (issue 14)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from ditserve.common.process import failure_cause
 from ditserve.launcher.plan import ServiceSpec
-from ditserve.launcher.supervisor import RestartBackoff, Supervisor
+from ditserve.launcher.supervisor import LivenessProbe, RestartBackoff, Supervisor
 
 
 def _spec(name: str, code: str = "pass") -> ServiceSpec:
@@ -79,3 +79,77 @@ def test_failure_cause_is_the_services_own_last_word():
     quoting = ["ditserve up: decoder failed to start: exit code 1: OSError: bad VAE",
                "  last lines of decoder.log:", "    OSError: bad VAE"]
     assert failure_cause(2, quoting) == f"exit code 2: {quoting[0]}"
+
+
+def _running(tmp_path, clock, probe: LivenessProbe):
+    """A supervisor of one long-running service that has served (probes apply)."""
+    supervisor = Supervisor([_spec("stage-1", "import time; time.sleep(60)")], tmp_path,
+                            clock=clock, liveness=probe)
+    service = supervisor.services[0]
+    service.start(clock())
+    service.serving = True
+    return supervisor, service
+
+
+def test_a_service_that_stops_answering_is_killed_and_restarted(tmp_path, caplog):
+    clock = _Clock()
+    supervisor, service = _running(tmp_path, clock, LivenessProbe(2.0, 0.1, 3))
+    service.process.answers = lambda timeout: False  # frozen (SIGSTOP): no answer
+    first_pid = service.process.pid
+    for _ in range(2):
+        supervisor.supervise_once()
+        clock.now += 1.0
+        supervisor.supervise_once()  # not due yet: one probe per period
+        clock.now += 1.0
+    assert service.process.running() and service.missed == 2
+    supervisor.supervise_once()
+    assert service.process.exited() == -9 and service.missed == 3
+    supervisor.supervise_once()  # sees the exit
+    clock.now = service.next_restart
+    supervisor.supervise_once()  # restarts it
+    assert service.process.running() and service.process.pid != first_pid
+    assert service.restarts == 1 and service.missed == 0 and not service.serving
+    supervisor.stop_all()
+    assert "did not answer 3 health checks in a row" in caplog.text
+
+
+def test_an_answer_resets_the_count_and_not_serving_is_an_answer(tmp_path):
+    clock = _Clock()
+    supervisor, service = _running(tmp_path, clock, LivenessProbe(1.0, 0.1, 2))
+    answers = iter([False, True, False, True, False, True])
+    service.process.answers = lambda timeout: next(answers)
+    for _ in range(6):
+        supervisor.supervise_once()
+        clock.now += 1.0
+    assert service.process.running() and service.restarts == 0
+    supervisor.stop_all()
+
+
+def test_a_restarted_service_is_not_probed_while_it_starts(tmp_path):
+    clock = _Clock()
+    supervisor, service = _running(tmp_path, clock, LivenessProbe(1.0, 0.1, 1))
+    service.serving = False  # loading weights again
+    service.process.serving = lambda timeout: False
+    service.process.answers = lambda timeout: False
+    for _ in range(5):
+        supervisor.supervise_once()
+        clock.now += 1.0
+    assert service.process.running()
+    service.process.serving = lambda timeout: True
+    supervisor.supervise_once()
+    assert service.serving
+    clock.now += 1.0
+    supervisor.supervise_once()
+    assert service.process.exited() == -9
+    supervisor.stop_all()
+
+
+def test_no_liveness_probe_probes_nothing(tmp_path):
+    clock = _Clock()
+    supervisor, service = _running(tmp_path, clock, None)
+    service.process.answers = lambda timeout: 1 / 0
+    for _ in range(3):
+        supervisor.supervise_once()
+        clock.now += 5.0
+    assert service.process.running()
+    supervisor.stop_all()

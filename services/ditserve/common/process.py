@@ -84,9 +84,9 @@ def thread_env(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def is_serving(address: str, timeout: float = 1.0, credentials: Any = None) -> bool:
-    """Whether the gRPC health service at `address` answers SERVING (over TLS with
-    `credentials`, a grpc.ChannelCredentials)."""
+def health_status(address: str, timeout: float = 1.0, credentials: Any = None) -> int | None:
+    """The grpc.health.v1 status the service at `address` answers (over TLS with
+    `credentials`, a grpc.ChannelCredentials); None when it does not answer in time."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -97,8 +97,16 @@ def is_serving(address: str, timeout: float = 1.0, credentials: Any = None) -> b
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+            return None
+    return reply.status
+
+
+def is_serving(address: str, timeout: float = 1.0, credentials: Any = None) -> bool:
+    """Whether the gRPC health service at `address` answers SERVING."""
+    from grpc_health.v1 import health_pb2
+
+    status = health_status(address, timeout, credentials)
+    return status == health_pb2.HealthCheckResponse.SERVING
 
 
 class ServiceFailed(Exception):
@@ -174,6 +182,15 @@ class ServiceProcess:
 
             return http_serving(self.address, timeout)
         return is_serving(self.address, timeout, self.health_credentials)
+
+    def answers(self, timeout: float = 1.0) -> bool:
+        """Whether its health check answers at all, whatever the status (a liveness probe:
+        NOT_SERVING while a peer is down is an answer; a frozen process gives none)."""
+        if self.health == "http":
+            from ditserve.gateway.probe import answers  # stdlib only
+
+            return answers(self.address, timeout)
+        return health_status(self.address, timeout, self.health_credentials) is not None
 
     def wait_serving(self, timeout: float, stop: threading.Event | None = None) -> None:
         """Returns once it answers SERVING; ServiceFailed if it exits or times out,

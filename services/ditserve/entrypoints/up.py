@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ditserve.config import PipelineConfig
     from ditserve.launcher.pki import RunPki
     from ditserve.launcher.plan import ServiceSpec
+    from ditserve.launcher.supervisor import LivenessProbe
 
 HELP = "start every service (stages, decoder, coordinator) as its own process on loopback"
 
@@ -58,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and one NAME.log per service")
     parser.add_argument("--start-timeout", type=float, default=300.0,
                         help="seconds the services may take to become healthy")
+    parser.add_argument("--probe-period", type=float, default=2.0, metavar="S",
+                        help="seconds between liveness probes of each running service: its "
+                             "health check, with a timeout of half the period up to 1 s "
+                             "(default 2)")
+    parser.add_argument("--probe-failures", type=int, default=3, metavar="N",
+                        help="unanswered probes in a row after which a service is killed and "
+                             "restarted (default 3; 0: never)")
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
@@ -79,6 +87,17 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     if args.no_decoder:
         config.decoder.address = ""
     return config
+
+
+def _liveness(args: argparse.Namespace) -> LivenessProbe | None:
+    from ditserve.launcher.supervisor import LivenessProbe
+
+    if args.probe_failures < 0 or args.probe_period <= 0:
+        raise CommandError("--probe-period must be > 0 and --probe-failures >= 0")
+    if args.probe_failures == 0:
+        return None
+    return LivenessProbe(args.probe_period, min(1.0, args.probe_period / 2),
+                         args.probe_failures)
 
 
 def _run_dir(log_dir: str, port: int) -> Path:
@@ -118,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     from ditserve.common.lifecycle import exit_process
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    liveness = _liveness(args)
     config, specs, run_dir, pki = _prepare(args)
-    code = _serve(config, specs, run_dir, args.start_timeout, pki)
+    code = _serve(config, specs, run_dir, args.start_timeout, pki, liveness)
     exit_process(code)  # the health checks' gRPC teardown would delay the exit by ~2 s
 
 
@@ -161,7 +181,8 @@ def _prepare(args: argparse.Namespace) -> tuple[PipelineConfig, list[ServiceSpec
 
 
 def _serve(config: PipelineConfig, specs: list[ServiceSpec], run_dir: Path,
-           start_timeout: float, pki: RunPki | None = None) -> int:
+           start_timeout: float, pki: RunPki | None = None,
+           liveness: LivenessProbe | None = None) -> int:
     """Starts the services, restarts what dies until SIGINT/SIGTERM, stops them all; the
     exit status (2: a service could not start)."""
     import signal
@@ -170,7 +191,8 @@ def _serve(config: PipelineConfig, specs: list[ServiceSpec], run_dir: Path,
     from ditserve.launcher.supervisor import Supervisor
 
     supervisor = Supervisor(specs, run_dir, start_timeout,
-                            health_credentials=pki.health_credentials() if pki else None)
+                            health_credentials=pki.health_credentials() if pki else None,
+                            liveness=liveness)
     for sig in (signal.SIGINT, signal.SIGTERM):  # also while starting: stop promptly
         signal.signal(sig, lambda *_: supervisor.stop_requested.set())
     try:

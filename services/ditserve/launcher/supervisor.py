@@ -1,6 +1,7 @@
 """Runs services as child processes (common/process.py): starts each wave together and waits
 for its health, restarts the ones that die (as Kubernetes restarts a pod, with a backoff that
-resets once a service has run well), and stops them all, leaving no orphan."""
+resets once a service has run well) or stop answering their health checks (Kubernetes'
+liveness probe), and stops them all, leaving no orphan."""
 
 from __future__ import annotations
 
@@ -39,6 +40,25 @@ class RestartBackoff:
         return delay
 
 
+@dataclass(frozen=True)
+class LivenessProbe:
+    """Kubernetes' livenessProbe for local processes: each running service's health check
+    every `period` s with a `timeout`; after `failures` unanswered in a row (a frozen or
+    deadlocked process: ~period x failures s) it is killed with SIGKILL and restarted.
+    Any answer counts, NOT_SERVING too (a coordinator whose stage is down is alive). A
+    (re)started service is probed only once it has answered SERVING (it may be loading
+    weights: Kubernetes' startupProbe)."""
+
+    period: float = 2.0
+    timeout: float = 1.0
+    failures: int = 3
+
+    def __post_init__(self) -> None:
+        if self.period <= 0 or self.timeout <= 0 or self.failures < 1:
+            raise ValueError(f"liveness probe needs period and timeout > 0 and failures >= 1, "
+                             f"got {self}")
+
+
 @dataclass
 class ManagedService:
     """A planned service, its process and its restart state."""
@@ -50,10 +70,16 @@ class ManagedService:
     next_restart: float | None = None
     """When a dead process is due to be restarted; None while it runs."""
     backoff: RestartBackoff = field(default_factory=RestartBackoff)
+    serving: bool = False
+    """Whether it has answered SERVING since it was (re)started: liveness probes apply."""
+    missed: int = 0
+    """Liveness probes unanswered in a row."""
+    next_probe: float = 0.0
 
     def start(self, now: float) -> None:
         self.process.start()
         self.started_at, self.next_restart = now, None
+        self.serving, self.missed, self.next_probe = False, 0, now
 
 
 class Supervisor:
@@ -61,13 +87,16 @@ class Supervisor:
 
     def __init__(self, specs: list[ServiceSpec], run_dir: Path, start_timeout: float = 300.0,
                  grace: float = 10.0, clock: Callable[[], float] = time.monotonic,
-                 health_credentials: Any = None):
-        # health_credentials: grpc.ChannelCredentials for the health checks of TLS services.
+                 health_credentials: Any = None,
+                 liveness: LivenessProbe | None = LivenessProbe()):
+        # health_credentials: grpc.ChannelCredentials for the health checks of TLS services;
+        # liveness: None probes nothing (only exits are restarted).
         self.services = [ManagedService(spec, ServiceProcess(
             spec.name, spec.argv, spec.address, run_dir / f"{spec.name}.log",
             health=spec.health, health_credentials=health_credentials))
                          for spec in specs]
         self.start_timeout, self.grace, self.clock = start_timeout, grace, clock
+        self.liveness = liveness
         self.stop_requested = threading.Event()
         """Set from a signal handler: start-up waits and the supervise loop end promptly."""
 
@@ -82,14 +111,18 @@ class Supervisor:
                          service.spec.listen)
             wait_serving([s.process for s in starting], self.start_timeout, self.stop_requested)
             for service in starting:
+                service.serving = True
                 log.info("%s is serving on %s", service.spec.name, service.spec.address)
 
     def supervise_once(self) -> None:
-        """Restarts any service that died, after its backoff."""
+        """Restarts any service that died, after its backoff; probes the others' liveness."""
         now = self.clock()
         for service in self.services:
+            if self.stop_requested.is_set():
+                return
             code = service.process.exited()
-            if code is None or self.stop_requested.is_set():
+            if code is None:
+                self._probe(service, now)
                 continue
             if service.next_restart is None:
                 delay = service.backoff.on_exit(now - service.started_at)
@@ -101,6 +134,30 @@ class Supervisor:
                 service.start(now)
                 log.warning("restarted %s (pid %d, restart #%d)", service.spec.name,
                             service.process.pid, service.restarts)
+
+    def _probe(self, service: ManagedService, now: float) -> None:
+        """One liveness probe when due; SIGKILL after `failures` unanswered in a row (the
+        next round sees the exit and restarts it)."""
+        probe = self.liveness
+        if probe is None or now < service.next_probe:
+            return
+        service.next_probe = now + probe.period
+        if not service.serving:  # restarted, still starting: wait for its first SERVING
+            service.serving = service.process.serving(probe.timeout)
+            return
+        if service.process.answers(probe.timeout):
+            service.missed = 0
+            return
+        service.missed += 1
+        name, pid = service.spec.name, service.process.pid
+        if service.missed < probe.failures:
+            log.warning("%s (pid %d) did not answer its health check within %g s (%d of %d)",
+                        name, pid, probe.timeout, service.missed, probe.failures)
+            return
+        log.warning("%s (pid %d) did not answer %d health checks in a row (every %g s); "
+                    "killing it (SIGKILL) to restart it", name, pid, probe.failures,
+                    probe.period)
+        service.process.kill()
 
     def run_until_stopped(self, poll: float = 0.25) -> None:
         """Supervises until `stop_requested` is set."""
