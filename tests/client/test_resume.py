@@ -1,7 +1,7 @@
 """A Generate stream that breaks after Accepted is resumed (resume.py), against the fake
 coordinator: pinned to the accepted seed, each event shown once, only for broken
 transports, within the resume window and the deadline. The end-to-end test (SIGKILL of a
-real coordinator under `ditserve up`) is tests/client/test_resume_e2e.py."""
+real coordinator under `ditserve up`) is tests/launcher/test_faults.py."""
 
 from __future__ import annotations
 
