@@ -97,8 +97,15 @@ class Tally:
     refused: collections.Counter = field(default_factory=collections.Counter)
     failed: collections.Counter = field(default_factory=collections.Counter)
     latencies: list[float] = field(default_factory=list)
+    messages: dict[str, list[str]] = field(default_factory=dict)
+    """The first few distinct messages of each failure (by "refused/failed CODE")."""
     pending: set[tuple[int, int]] = field(default_factory=set)
     """(client, request) of the requests not answered yet: lost if still open at the end."""
+
+    def note(self, outcome: str, message: str, keep: int = 3) -> None:
+        seen = self.messages.setdefault(outcome, [])
+        if len(seen) < keep and message not in seen:
+            seen.append(message)
 
 
 class _CountResumes(logging.Handler):
@@ -247,9 +254,11 @@ async def client_loop(k: int, target: str, s: Settings, until: float, tally: Tal
                 tally.cancelled += 1
             except DitserveError as error:
                 (tally.failed if accepted else tally.refused)[error.code] += 1
+                tally.note(f"{'failed' if accepted else 'refused'} {error.code}", error.message)
                 pause = error.retry_after or 1.0
             except Exception as error:  # a bug of the client or the harness: count it too
                 tally.failed[type(error).__name__] += 1
+                tally.note(f"failed {type(error).__name__}", str(error))
                 pause = 1.0
             tally.pending.discard(key)
             if pause:
@@ -359,6 +368,7 @@ def _report(s: Settings, tally: Tally, kills: list[dict], wall: float,
     samples = {"latencies_s": [round(x, 3) for x in tally.latencies], "kills": kills,
                "rss_mib": {"start": before, "end": after}, "restarts": dict(restarts),
                "refused": dict(tally.refused), "failed": dict(tally.failed),
+               "messages": tally.messages,
                "wall_s": round(wall, 1)}
     return Report("soak", rows, [("what", "what"), ("value", "figure")], samples, notes,
                   asdict(s))
