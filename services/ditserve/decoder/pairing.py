@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ditserve.common.status import UserError
+
 SD_SCALING_FACTOR = 0.18215
 """Latent scale of Stable Diffusion's VAE, which the official DiT checkpoints use."""
 SCALE_RTOL = 1e-3
@@ -29,7 +31,7 @@ five digits (0.18215), while distinct VAEs differ in the first two (SD 0.18215, 
 0.13025, the demo VAE about 0.57)."""
 
 
-class VaePairingError(ValueError):
+class VaePairingError(UserError, ValueError):
     """The VAE does not decode the latents of the DiT being served."""
 
 
