@@ -8,7 +8,7 @@ read from its own files, never from weight hashes (weights get retrained):
   the checkpoint folder: the demo model's layout (`weights/dit.safetensors` +
   `weights/vae/`, both written by `ditserve train-demo`) and diffusers' pipeline layout
   (`transformer/` + `vae/`);
-- otherwise the DiT paper's convention (DESIGN §3): Stable Diffusion's VAE, latents
+- otherwise the DiT paper's convention (docs/ARCHITECTURE.md §3): Stable Diffusion's VAE, latents
   scaled by 0.18215, as many channels as the DiT's input.
 
 A VAE belongs when it has as many latent channels and the same scaling factor.
