@@ -117,7 +117,18 @@ def write_card(path: Path, stats: dict, out: Path, dit_cfg: DiTConfig) -> None:
         acc=100 * stats["classifier_acc"],
         shape_any=100 * stats["shape_judge_acc"]["any colour"],
         shape_class=100 * stats["shape_judge_acc"]["class colour"],
-        radius=f"{RADIUS[0]:g}–{RADIUS[1]:g}", finetune=_finetune(plan)))
+        radius=f"{RADIUS[0]:g}–{RADIUS[1]:g}", finetune=_finetune(plan),
+        provenance=_provenance(stats)))
+
+
+def _provenance(stats: dict) -> str:
+    """The end of the provenance sentence: whether the shape judge came later."""
+    if "shape_judge_s" not in stats:
+        return "."
+    return (f", except `shape_classifier.safetensors`: the recipe's shape-judge step (same"
+            f" seeds, {stats['threads']} threads, {stats['shape_judge_s'] / 60:.1f} min) was"
+            f" run afterwards on that run's files, which it does not change; the training"
+            f" time above leaves it out.")
 
 
 def _finetune(plan: SimpleNamespace) -> str:
@@ -177,13 +188,14 @@ training images, class-balanced. Classes (label order): {classes}.
 Training time: {minutes:.1f} min in all (VAE {vae_min:.1f}, judges {cls_min:.1f},
 DiT {dit_min:.1f}) with {stats[threads]} CPU threads. Files: {sizes}.
 All files come from one run of `ditserve train-demo --out DIR --seed {stats[seed]}`
-(the FULL plan of `ditserve.demo.recipe`).
+(the FULL plan of `ditserve.demo.recipe`){provenance}
 
 ## Generated images named right by the judges
 {plan.eval_per_class} images per class per setting, in-process (`ditserve.demo.generate`,
 the service's samplers), reference CFG on the first 3 latent channels. The server's default
-is ddpm 250, guidance 4; `tests/launcher/test_demo_pipeline.py` holds both judges to it
-through the 2-stage pipeline.
+is ddpm 250, guidance 4; through the 2-stage pipeline, `tests/launcher/test_demo_pipeline.py`
+holds the colour judge to ≥ 90% there, and issue 17's bars (shape judge ≥ 90%, colour judge
+≥ 95%, every class ≥ 80% by each) as a strict xfail until weights meet them.
 
 | sampler | steps | guidance | shape judge | colour judge | worst class (either) | images |
 |---|---|---|---|---|---|---|
