@@ -183,6 +183,7 @@ class Engine:
         ids, started = microbatch.request_ids, time.monotonic()
         for attempt, delay in enumerate(backoff_delays(), start=1):
             sent, timeout = time.monotonic(), self.round_trips.timeout()
+            healthy = not self.chain_outage.down
             try:
                 out, seconds = await asyncio.wait_for(
                     self.chain.forward(microbatch.x, microbatch.t, microbatch.y, ids), timeout)
@@ -192,7 +193,8 @@ class Engine:
             except ServiceError as failure:
                 error = failure
             else:
-                self.round_trips.add(time.monotonic() - sent)
+                if healthy and not self.chain_outage.down:  # not a reconnection's wait
+                    self.round_trips.add(time.monotonic() - sent)
                 self.chain_outage.recovered()
                 self._count_busy(seconds)
                 return out

@@ -37,3 +37,6 @@ STAGE_BUSY_SECONDS = Counter("dit_stage_busy_seconds",
 PEER_UP = Gauge("dit_coordinator_peer_up",
                 "1 while the peer (stage chain, decoder) answers, 0 while the coordinator "
                 "waits for it to come back.", ["peer"])
+STAGE_SERVING = Gauge("dit_coordinator_stage_serving",
+                      "1 if the stage answered the last chain description healthy, 0 if it "
+                      "was unreachable or not serving (updated by GetModelInfo).", ["stage"])
