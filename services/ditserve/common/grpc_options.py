@@ -28,6 +28,10 @@ def _common(max_message_bytes: int, max_receive_bytes: int | None = None
             ("grpc.max_receive_message_length", max_receive_bytes or max_message_bytes),
             ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            # grpc-core enforces a ping's timeout from this one (default 60 s), not from
+            # keepalive_timeout_ms (grpc/grpc#39239): without it a frozen peer went
+            # unnoticed for ~66 s.
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0)]
 
