@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -160,10 +161,28 @@ def test_a_frozen_stage_stalls_requests_then_they_finish(cluster, stub, expected
     assert stage_serving(stub) == [True, True, True]
 
 
-def test_a_too_large_request_is_refused_and_the_coordinator_serves_on(stub):
-    huge = pb.GenerateRequest(class_labels=[1], request_id="x" * (1 << 20))
-    with pytest.raises(grpc.RpcError) as refused:
-        list(stub.Generate(huge, timeout=20))
-    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+def rss_mb(pid: int) -> float:
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmRSS:"))) / 1024
+
+
+def test_too_large_requests_are_refused_and_the_coordinator_serves_on(cluster, stub):
+    """10 concurrent 60 MB GenerateRequests (the public limit was 64 MiB): each refused
+    RESOURCE_EXHAUSTED, the coordinator's memory barely moves, and it serves on."""
+    huge = pb.GenerateRequest(class_labels=[1], request_id="x" * (60 << 20))
+    before = rss_mb(cluster["coordinator"].pid)
+
+    def send(_):
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(huge, timeout=60))
+        return refused.value.code()
+
+    with ThreadPoolExecutor(10) as pool:
+        codes = list(pool.map(send, range(10)))
+    after = rss_mb(cluster["coordinator"].pid)
+    print(f"coordinator RSS {before:.0f} MB -> {after:.0f} MB")
+    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 10
+    assert after - before < 200  # it used to grow by > 1 GB
     events = list(stub.Generate(request(1), timeout=60))
     assert events[-1].HasField("result")
