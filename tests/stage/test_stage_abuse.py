@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from ditserve.common import channel_options
+from ditserve.common.grpc_options import channel_options
 from ditserve.common.errors import error_from_status
 from ditserve.common.status import StatusCode
 from ditserve.wire import encode_frames
