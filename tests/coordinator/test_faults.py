@@ -183,6 +183,7 @@ def test_too_large_requests_are_refused_and_the_coordinator_serves_on(cluster, s
     after = rss_mb(cluster["coordinator"].pid)
     print(f"coordinator RSS {before:.0f} MB -> {after:.0f} MB")
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 10
-    assert after - before < 200  # it used to grow by > 1 GB
+    # Measured here: +20..115 MB; with the old 64 MiB limit +364 MB (the issue saw +1.3 GB).
+    assert after - before < 250
     events = list(stub.Generate(request(1), timeout=60))
     assert events[-1].HasField("result")
