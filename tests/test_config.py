@@ -37,7 +37,7 @@ def test_literal_aliases_name_exactly_what_exists():
      "coordinator.default_sampler must be one of 'ddpm', 'ddim', 'dpm-solver++'"),
     ({"coordinator": {"max_queued_requests": "64"}},
      "coordinator.max_queued_requests must be an integer, got '64'"),
-    ({"coordinator": {"max_retries": True}}, "coordinator.max_retries must be an integer"),
+    ({"coordinator": {"max_receive_bytes": True}}, "coordinator.max_receive_bytes must be an integer"),
     ({"model": {"name": 3}}, "model.name must be a string or null, got 3"),
     ({"stages": [{"address": "h:1", "device": None}]}, "stages[0].device must be a string"),
 ])

@@ -89,8 +89,19 @@ class CoordinatorConfig:
     """Sampler of requests that name none: "ddpm", "ddim" or "dpm-solver++"."""
     default_guidance_scale: float = 4.0
     """Guidance scale of requests that give none (1 disables guidance)."""
-    max_retries: int = 5
-    """Retries of a microbatch that failed UNAVAILABLE before its requests fail."""
+    unavailable_grace_seconds: float = 120.0
+    """How long a request without a deadline of its own waits for the chain or the
+    decoder to come back (UNAVAILABLE, or RESOURCE_EXHAUSTED from an overloaded stage):
+    its microbatch (or its decode) is resent with exponential backoff capped at 2 s, each
+    wait logged as a warning, until then. A request with a deadline waits until its
+    deadline. Long enough for a crashed stage to be restarted and load its weights."""
+    microbatch_timeout_seconds: float = 5.0
+    """Least time a microbatch may take on the chain before it is deemed lost (a frozen
+    stage) and resent: the limit is max(this, 10x the p99 of recent round trips), and
+    12x this until the first round trips are measured."""
+    max_receive_bytes: int = 64 * 1024
+    """Largest message the public port accepts: a GenerateRequest is a few hundred bytes,
+    so a larger one is refused RESOURCE_EXHAUSTED before it costs memory."""
 
     def listen_address(self) -> str:
         return self.listen or f"[::]:{self.address.rsplit(':', 1)[-1]}"
@@ -199,6 +210,13 @@ class PipelineConfig:
                 raise ConfigError(f"stages[{i}].address must be host:port, got {stage.address!r}")
         if self.max_batch_size < 1:
             raise ConfigError("max_batch_size must be positive")
+        coordinator = self.coordinator
+        if coordinator.unavailable_grace_seconds < 0 or coordinator.microbatch_timeout_seconds <= 0:
+            raise ConfigError("coordinator.unavailable_grace_seconds must be >= 0 and "
+                              "coordinator.microbatch_timeout_seconds > 0")
+        if coordinator.max_receive_bytes < 1024:
+            raise ConfigError(f"coordinator.max_receive_bytes must be at least 1024, got "
+                              f"{coordinator.max_receive_bytes}")
         if self.coordinator.max_rows_per_microbatch > self.max_batch_size:
             raise ConfigError(f"coordinator.max_rows_per_microbatch "
                               f"({self.coordinator.max_rows_per_microbatch}) exceeds the stages' "

@@ -43,3 +43,44 @@ def test_without_names_imagenet_for_1000_classes_else_numbered(tmp_path):
     imagenet = class_names(DiTConfig(input_size=8, hidden_size=32, num_heads=2, depth=2))
     assert len(imagenet) == 1000 and imagenet[207].startswith("golden retriever")
     assert class_names(TEN, checkpoint=str(tmp_path / "x.pt"))[3] == "class 3"
+
+
+def _stage(index: int):
+    from ditserve.stage.runner import StageDescription
+
+    return StageDescription(stage_index=index, num_stages=3, block_start=index,
+                            block_end=index + 1, depth=3, model_name="m",
+                            model_config_json=TEN.to_json(), weight_hash="h",
+                            wire_dtype="FP32", address=f"a{index}", device="cpu",
+                            max_batch_size=8, serving=True)
+
+
+class _Chain:
+    def __init__(self):
+        self.error = None
+
+    async def describe(self):
+        if self.error is not None:
+            raise self.error
+        return [_stage(i) for i in range(3)]
+
+
+@pytest.mark.parametrize("message, down", [
+    ("stage-0 at 127.0.0.1:1: failed to connect", [0]),
+    ("stage-1 at 127.0.0.1:2: stage-2 at 127.0.0.1:3: Deadline Exceeded", [2]),
+    ("no stage named", [0, 1, 2])])
+def test_an_unreachable_stage_is_reported_not_serving(message, down):
+    import asyncio
+
+    from ditserve.common.status import ServiceError, StatusCode
+    from ditserve.config import CoordinatorConfig
+    from ditserve.coordinator.model_info import ModelInfo
+
+    chain = _Chain()
+    info = ModelInfo(TEN, chain, CoordinatorConfig(), class_names(TEN), stages=[])
+    assert all(s.serving for s in asyncio.run(info.describe()).stages)
+    chain.error = ServiceError(StatusCode.UNAVAILABLE, message)
+    reply = asyncio.run(info.describe())
+    assert [s.stage_index for s in reply.stages if not s.serving] == down
+    chain.error = None
+    assert all(s.serving for s in asyncio.run(info.describe()).stages)

@@ -36,7 +36,7 @@ def pipeline(launcher, tiny_checkpoint, tmp_path_factory):
     config = {"model": {"checkpoint": str(tiny_checkpoint)}, "wire_dtype": "fp32",
               "stages": [{"address": s.address} for s in stages],
               "coordinator": {"address": f"127.0.0.1:{port}", "max_queued_requests": MAX_QUEUED,
-                              "max_rows_per_microbatch": 8, "max_retries": 8,
+                              "max_rows_per_microbatch": 8,
                               "default_sampler": "ddim"}}
     path = tmp_path_factory.mktemp("cfg") / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -36,6 +36,18 @@ def test_shape_colour_dominates_its_class():
     assert top[0] > 150 and top[0] > 2 * top[1] and top[0] > 2 * top[2]
 
 
+def test_random_colours_keep_the_labels_and_change_the_colours():
+    # The shape judge's data: the same labels as the class-colour set of that seed, but the
+    # shapes' colours no longer follow the class (two red circles differ in hue).
+    _, plain_labels = make_dataset(40, seed=2)
+    anyc, any_labels = make_dataset(40, seed=2, random_colour=True)
+    np.testing.assert_array_equal(plain_labels, any_labels)
+    circles = anyc[any_labels == CLASS_NAMES.index("red circle")].reshape(4, -1, 3)
+    brightest = np.stack([c[np.argsort(c.sum(1))[-30:]].mean(0) for c in circles.astype(int)])
+    assert np.ptp(brightest, axis=0).max() > 60  # colours spread far beyond the ±12 jitter
+    assert brightest.max(1).min() > 120  # and each stands out of the dark background
+
+
 def test_names_match_the_package_constant():
     assert CLASS_NAMES == DEMO_CLASS_NAMES and len(set(CLASS_NAMES)) == 10
 

@@ -9,6 +9,7 @@ from ditserve.demo import (
     DEMO_CLASS_NAMES,
     DEMO_CLASSIFIER_PATH,
     DEMO_DIT_PATH,
+    DEMO_SHAPE_CLASSIFIER_PATH,
     DEMO_VAE_PATH,
     DEMO_WEIGHTS,
     classify,
@@ -31,7 +32,8 @@ def vae():
 
 def test_all_files_ship_under_20_mb():
     names = ["dit.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-             "classifier.safetensors", "class_names.txt", "MODEL_CARD.md", "samples.png"]
+             "classifier.safetensors", "shape_classifier.safetensors", "class_names.txt",
+             "MODEL_CARD.md", "samples.png", "training.json"]
     for name in names:
         assert (DEMO_WEIGHTS / name).is_file(), name
     total = sum(p.stat().st_size for p in DEMO_WEIGHTS.rglob("*") if p.is_file())
@@ -57,14 +59,28 @@ def test_classifier_recognises_fresh_procedural_images():
     assert (classify(images) == labels).mean() >= 0.98
 
 
-def test_classify_rejects_float_images():
+def test_shape_judge_names_outlines_in_any_colour():
+    # Trained on the outlines in random colours, it needs no class colour...
+    assert DEMO_SHAPE_CLASSIFIER_PATH.is_file()
+    images, labels = make_dataset(500, seed=987_655, random_colour=True)
+    assert (classify(images, "shape") == labels).mean() >= 0.95
+    # ...and recolouring the class-coloured shapes (RGB → BGR: a red circle turns blue, a
+    # blue square red) leaves its answers right.
+    images, labels = make_dataset(300, seed=987_656)
+    assert (classify(np.ascontiguousarray(images[..., ::-1]), "shape") == labels).mean() >= 0.95
+
+
+def test_classify_rejects_float_images_and_unknown_judges():
     with pytest.raises(ValueError, match="uint8"):
         classify(np.zeros((1, 64, 64, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="no judge"):
+        classify(np.zeros((1, 64, 64, 3), dtype=np.uint8), "smell")
 
 
 # The shipped model reaches 95-98% with guidance 4 over 100 images (MODEL_CARD.md) and
 # 27/30 with these settings and seed; the bar leaves one image of slack for other CPUs'
-# float order. Issue 6's 90% is asserted through the pipeline (tests/launcher).
+# float order. The pipeline test (tests/launcher) holds the server's defaults, and issue 17's
+# shape-judge bars as a strict xfail.
 GENERATION_ACCURACY_BAR = 0.85
 
 

@@ -89,7 +89,7 @@ def test_each_pod_mounts_its_own_certificate_where_the_config_looks(docs, config
     tls_dir = PurePosixPath(security.cert).parent
     assert {PurePosixPath(p).parent for p in (security.ca, security.key)} == {tls_dir}
     certificates, seen = _certificates(docs), set()
-    for workload, container in containers(docs):
+    for workload, container in _grpc_containers(docs):
         certificate = certificates[_mounted_secret(workload, container, tls_dir)]
         host, _ = host_port(_address_of(config, workload.role))
         # Its peers dial the Service name (verified against the DNS SANs) and check the
@@ -98,7 +98,22 @@ def test_each_pod_mounts_its_own_certificate_where_the_config_looks(docs, config
         assert certificate["spec"]["uris"] == [
             f"spiffe://{security.trust_domain}/{workload.role}"], workload.name
         seen.add(certificate["metadata"]["name"])
-    assert len(seen) == len(containers(docs)) == 4
+    assert len(seen) == len(_grpc_containers(docs)) == 4
+
+
+def test_the_gateway_dials_the_coordinator_over_tls_trusting_the_pipeline_ca(docs, config):
+    ((workload, container),) = [(w, c) for w, c in containers(docs) if w.role == "gateway"]
+    args = container["args"]
+    assert "--tls" in args
+    ca_file = PurePosixPath(args[args.index("--ca-file") + 1])
+    secret = _mounted_secret(workload, container, ca_file.parent)
+    assert ca_file.name == "ca.crt" and secret in _certificates(docs)
+    assert args[args.index("--target") + 1] == config.coordinator.address
+
+
+def _grpc_containers(docs):
+    """The pipeline's gRPC services (the HTTP gateway is a client of the public API)."""
+    return [(w, c) for w, c in containers(docs) if w.role != "gateway"]
 
 
 def test_tokens_reach_the_coordinator_only_and_admit_nobody_by_default(docs, config):
@@ -118,7 +133,7 @@ def test_tokens_reach_the_coordinator_only_and_admit_nobody_by_default(docs, con
 
 def test_probes_use_the_health_port_which_no_policy_admits(docs, config):
     assert host_port(config.security.health_listen)[1] == HEALTH_PORT
-    for workload, container in containers(docs):
+    for workload, container in _grpc_containers(docs):
         assert HEALTH_PORT in {p["containerPort"] for p in container["ports"]}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == HEALTH_PORT, (workload.name, probe)

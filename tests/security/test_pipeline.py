@@ -111,10 +111,11 @@ def test_cli_generates_over_tls_with_a_token(pipeline, tmp_path):
 @pytest.mark.parametrize(("token", "expected"), [
     (WRONG_TOKEN, "UNAUTHENTICATED: unknown bearer token"),
     (None, "UNAUTHENTICATED: missing bearer token")])
-def test_cli_without_a_valid_token_is_one_line(pipeline, token, expected):
+def test_cli_without_a_valid_token_is_one_line(pipeline, token, expected, tmp_path):
     args = ["--token", token] if token else []
     done = _cli("generate", "--target", pipeline.target, "--tls", "--ca",
-                str(pipeline.tls / "ca.crt"), "--class", "0", "--out", "/dev/null", *args)
+                str(pipeline.tls / "ca.crt"), "--class", "0", "--out", str(tmp_path / "x.png"),
+                *args)
     assert done.returncode == 2
     assert expected in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert WRONG_TOKEN not in done.stderr and pipeline.token not in done.stderr

@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from ditserve.common import channel_options
 from ditserve.common.errors import error_from_status
+from ditserve.common.grpc_options import channel_options
 from ditserve.common.status import StatusCode
 from ditserve.wire import encode_frames
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc

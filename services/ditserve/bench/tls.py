@@ -32,8 +32,8 @@ import grpc
 import torch
 import yaml
 
+from ditserve.common.process import is_serving
 from ditserve.launcher.pki import make_run_pki
-from ditserve.launcher.supervisor import is_serving
 
 from .procs import free_port, thread_env
 from .report import Report, fmt_spread, spread

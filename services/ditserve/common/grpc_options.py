@@ -22,18 +22,25 @@ KEEPALIVE_TIMEOUT_MS = 5_000
 """How long a ping may go unanswered before the connection is declared dead."""
 
 
-def _common(max_message_bytes: int) -> list[tuple[str, int]]:
+def _common(max_message_bytes: int, max_receive_bytes: int | None = None
+            ) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_receive_bytes or max_message_bytes),
             ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            # grpc-core enforces a ping's timeout from this one (default 60 s), not from
+            # keepalive_timeout_ms (grpc/grpc#39239): without it a frozen peer went
+            # unnoticed for ~66 s.
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0)]
 
 
-def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Options for `grpc.aio.server(options=...)`."""
-    return [*_common(max_message_bytes),
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
+                   max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
+    """Options for `grpc.aio.server(options=...)`; `max_receive_bytes` (default: the same
+    as sent) sizes what callers may send, e.g. KiB on the coordinator's public port."""
+    return [*_common(max_message_bytes, max_receive_bytes),
             # A port held by another server (even another ditserve) must fail the bind, not
             # be shared with it.
             ("grpc.so_reuseport", 0),

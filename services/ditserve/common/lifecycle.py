@@ -99,14 +99,14 @@ class ServiceLifecycle:
     def __init__(self, name: str, listen: str, services: Sequence[str],
                  metrics_port: int | None = None, grace: float = 5.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 security: ServiceSecurity | None = None):
+                 security: ServiceSecurity | None = None, max_receive_bytes: int | None = None):
         from ditserve.security.service import ServiceSecurity  # here: it imports ditserve.common
 
         self.name, self.listen, self.grace = name, listen, grace
         self.services = list(services)
         self.metrics_port = metrics_port
         self.security = security or ServiceSecurity.internal(ServiceSecurity.PLAINTEXT, name, ())
-        self.server = grpc.aio.server(options=server_options(max_message_bytes),
+        self.server = grpc.aio.server(options=server_options(max_message_bytes, max_receive_bytes),
                                       interceptors=self.security.interceptors())
         self._health_server: grpc.aio.Server | None = None
         self.health = HealthServicer()

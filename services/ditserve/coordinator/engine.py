@@ -15,6 +15,7 @@ awaits each in turn, so the order holds by construction.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -30,13 +31,10 @@ from ditserve.sampling import make_sampler
 
 from . import metrics
 from .outputs import OutputMaker
+from .recovery import Outage, RoundTrips, backoff_delays, waitable
 from .request import Accepted, Event, Progress, Request, RequestStatus, Result
 from .scheduler import Microbatch, QueueFull, SamplerFactory, Scheduler, StepOutput
 from .spec import GenerationSpec
-
-RETRY_BASE_SECONDS = 0.2
-"""First backoff after an UNAVAILABLE microbatch; doubles each retry."""
-RETRY_MAX_SECONDS = 3.0
 
 StreamItem = Event | ServiceError | asyncio.Task | None
 """What a request's queue holds: an event, a task making one, its failure, or None (end)."""
@@ -68,6 +66,9 @@ class RequestHandle:
         while (item := await self._stream.get()) is not None:
             # shield: a reader that goes away must not cancel a decode others wait for
             event = await asyncio.shield(item) if isinstance(item, asyncio.Task) else item
+            if isinstance(event, tuple):  # latents without images, then why (Engine._decode)
+                result, event = event
+                yield result
             if isinstance(event, ServiceError):
                 raise event
             yield event
@@ -87,6 +88,8 @@ class Engine:
         self._microbatches: set[asyncio.Task] = set()
         self._tasks: set[asyncio.Task] = set()
         self._wake_pending = False
+        self.round_trips = RoundTrips(config.microbatch_timeout_seconds)
+        self.chain_outage, self.decoder_outage = Outage("stage chain"), Outage("decoder")
         self.stage_busy_seconds: list[float] = []
         """Compute seconds of each stage for this engine's microbatches (utilisation)."""
 
@@ -165,7 +168,7 @@ class Engine:
         except ServiceError as error:
             log_event("microbatch_failed", request_ids=microbatch.request_ids,
                       code=error.code.value, message=error.message)
-            self.scheduler.fail(microbatch, error)
+            self.scheduler.fail(microbatch, error, time.monotonic())
         except Exception as error:  # a bug must fail these requests, not hang them
             log_event("microbatch_error", request_ids=microbatch.request_ids, error=repr(error))
             self.scheduler.fail(microbatch, ServiceError(StatusCode.INTERNAL,
@@ -173,25 +176,59 @@ class Engine:
         self._end([r for r in microbatch.requests if r.status is RequestStatus.FINISHED])
 
     async def _forward(self, microbatch: Microbatch) -> torch.Tensor:
-        """The chain's output; UNAVAILABLE is retried with exponential backoff (stages are
-        stateless per microbatch, so a resend is safe)."""
-        ids = microbatch.request_ids
-        for attempt in range(self.config.max_retries + 1):
+        """The chain's output. A failure that may heal (a stage down, restarting or
+        overloaded; a microbatch lost to a frozen stage) is resent with backoff for as long
+        as its requests may wait (`_patience`): stages are stateless per microbatch, so a
+        resend is safe."""
+        ids, started = microbatch.request_ids, time.monotonic()
+        for attempt, delay in enumerate(backoff_delays(), start=1):
+            sent, timeout = time.monotonic(), self.round_trips.timeout()
+            healthy = not self.chain_outage.down
             try:
-                out, seconds = await self.chain.forward(microbatch.x, microbatch.t,
-                                                        microbatch.y, ids)
-            except ServiceError as error:
-                if not error.retryable or attempt == self.config.max_retries:
-                    raise _final_error(error, attempt) from None
-                delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** attempt)
-                log_event("microbatch_retry", request_ids=ids, attempt=attempt + 1,
-                          delay_seconds=delay, message=error.message)
-                metrics.RETRIES.inc()
-                await asyncio.sleep(delay)
-                continue
-            self._count_busy(seconds)
-            return out
+                out, seconds = await asyncio.wait_for(
+                    self.chain.forward(microbatch.x, microbatch.t, microbatch.y, ids), timeout)
+            except TimeoutError:
+                error = ServiceError(StatusCode.UNAVAILABLE, f"no answer from the stage chain "
+                                     f"within {timeout:.1f} s (a stage is frozen or cut off)")
+            except ServiceError as failure:
+                error = failure
+            else:
+                if healthy and not self.chain_outage.down:  # not a reconnection's wait
+                    self.round_trips.add(time.monotonic() - sent)
+                self.chain_outage.recovered()
+                self._count_busy(seconds)
+                return out
+            await self._wait_out(error, "stage chain", self.chain_outage, microbatch.requests,
+                                 started, attempt, delay, request_ids=ids)
         raise AssertionError("unreachable")
+
+    async def _wait_out(self, error: ServiceError, peer: str, outage: Outage,
+                        requests: list[Request], started: float, attempt: int, delay: float,
+                        **fields: Any) -> None:
+        """Sleeps `delay` before the next attempt, or raises the final error when the
+        failure cannot heal or the requests cannot wait that long."""
+        now = time.monotonic()
+        if not waitable(error):
+            raise error
+        if now + delay > self._patience(requests, started):
+            raise ServiceError(error.code, f"the {peer} is still unavailable after "
+                               f"{now - started:.1f} s and {attempt} attempts: "
+                               f"{error.message}") from None
+        outage.failed(error)
+        log_event("waiting_on_peer", level=logging.WARNING, peer=peer, attempt=attempt,
+                  waited_seconds=round(now - started, 2), retry_in=delay, code=error.code.value,
+                  message=error.message, **fields)
+        metrics.RETRIES.inc()
+        await asyncio.sleep(delay)
+
+    def _patience(self, requests: list[Request], started: float) -> float:
+        """When to stop waiting for a peer: the latest end any of `requests` still wants
+        (its deadline, or `started` + the configured grace without one). Requests asked to
+        stop (cancelled, past their deadline) want nothing."""
+        grace = started + self.config.unavailable_grace_seconds
+        ends = [grace if r.spec.deadline is None else r.spec.deadline
+                for r in requests if r.stop is None]
+        return max(ends, default=started)
 
     def _count_busy(self, seconds: tuple[float, ...]) -> None:
         """Adds the stages' own compute seconds (utilisation = busy / wall)."""
@@ -217,19 +254,47 @@ class Engine:
         if request.status is RequestStatus.DECODING:
             stream.put_nowait(self._spawn(self._decode(request)))
 
-    async def _decode(self, request: Request) -> Result | ServiceError:
-        """The final images; decoding runs beside the denoising of other requests."""
+    async def _decode(self, request: Request) -> Result | ServiceError | tuple[Result, ServiceError]:
+        """The final images; decoding runs beside the denoising of other requests. A
+        decoder that is down is waited for like a stage (`_final_images`); if it stays
+        down, a request that asked for its latents still gets them: a Result without
+        images, then the error that says the images are missing."""
         try:
-            images = await self.outputs.final_images(request)
+            images = await self._final_images(request)
         except ServiceError as error:
             self._end([self.scheduler.finish(request, error)], announced=False)
-            return error
-        decoded_at = time.monotonic()
+            if not request.spec.return_latents:
+                return error
+            missing = ServiceError(error.code, f"images are missing, the latents were sent "
+                                   f"in the Result: {error.message}")
+            return self._result(request, []), missing
         self._end([self.scheduler.finish(request)])
+        return self._result(request, images)
+
+    async def _final_images(self, request: Request) -> list[Any]:
+        """The decoder's images, asked again with backoff while the decoder is down, for
+        as long as the request may wait: its latents are never lost to a restart."""
+        started = time.monotonic()
+        for attempt, delay in enumerate(backoff_delays(), start=1):
+            left = max(0.0, self._patience([request], started) - time.monotonic())
+            try:
+                images = await asyncio.wait_for(self.outputs.final_images(request), left)
+            except TimeoutError:
+                error = ServiceError(StatusCode.UNAVAILABLE, "the decoder did not answer")
+            except ServiceError as failure:
+                error = failure
+            else:
+                self.decoder_outage.recovered()
+                return images
+            await self._wait_out(error, "decoder", self.decoder_outage, [request], started,
+                                 attempt, delay, request_id=request.request_id)
+        raise AssertionError("unreachable")
+
+    def _result(self, request: Request, images: list[Any]) -> Result:
         return Result(request.x if request.spec.return_latents else None, images,
                       request.started_at - request.admitted_at,
                       request.denoised_at - request.started_at,
-                      decoded_at - request.denoised_at, request.spec.seed)
+                      time.monotonic() - request.denoised_at, request.spec.seed)
 
     def _end(self, finished: list[Request], announced: bool = True) -> None:
         """Ends the streams of finished requests: their error (unless `announced` is
@@ -257,9 +322,3 @@ async def _with_previews(progress: Progress, previews: Awaitable[list[Any]]) -> 
     progress.previews = await previews
     return progress
 
-
-def _final_error(error: ServiceError, attempts: int) -> ServiceError:
-    if not error.retryable:
-        return error
-    return ServiceError(error.code, f"the stage chain is unavailable after {attempts + 1} "
-                        f"attempts: {error.message}")

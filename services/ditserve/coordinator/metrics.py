@@ -34,3 +34,9 @@ RETRIES = Counter("dit_coordinator_microbatch_retries",
 STAGE_BUSY_SECONDS = Counter("dit_stage_busy_seconds",
                              "Seconds each stage spent computing this coordinator's "
                              "microbatches, as the stages report them.", ["stage"])
+PEER_UP = Gauge("dit_coordinator_peer_up",
+                "1 while the peer (stage chain, decoder) answers, 0 while the coordinator "
+                "waits for it to come back.", ["peer"])
+STAGE_SERVING = Gauge("dit_coordinator_stage_serving",
+                      "1 if the stage answered the last chain description healthy, 0 if it "
+                      "was unreachable or not serving (updated by GetModelInfo).", ["stage"])

@@ -8,18 +8,25 @@ it, as the demo model has them); the ImageNet-1k names of the client package for
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import replace
 from pathlib import Path
 
 from ditserve_client.labels import imagenet_class_names
 from ditserve_client.proto.dit.v1 import coordinator_pb2
 
 from ditserve.chain.base import StageChain
+from ditserve.common.logs import log_event
+from ditserve.common.status import ServiceError
 from ditserve.config import ConfigError, CoordinatorConfig
 from ditserve.model import DiTConfig
 from ditserve.model.checkpoint import read_class_names
 from ditserve.sampling import SAMPLERS
 from ditserve.stage.client import info_from_description
+from ditserve.stage.runner import StageDescription
 
+from . import metrics
 from .protocol import SAMPLER_ENUMS
 
 VAE_DOWNSCALE = 8
@@ -53,12 +60,15 @@ class ModelInfo:
     """Answers GetModelInfo from the model config, the class names and the live chain."""
 
     def __init__(self, model: DiTConfig, chain: StageChain, config: CoordinatorConfig,
-                 class_names: list[str], has_decoder: bool = False):
+                 class_names: list[str], has_decoder: bool = False,
+                 stages: list[StageDescription] | None = None):
         self.model, self.chain, self.config = model, chain, config
         self.class_names, self.has_decoder = class_names, has_decoder
+        self.known_stages = list(stages or [])
+        """The chain as last described (the handshake's at first)."""
 
     async def describe(self) -> coordinator_pb2.GetModelInfoResponse:
-        stages = [info_from_description(d) for d in await self.chain.describe()]
+        stages = [info_from_description(d) for d in await self.stages()]
         samplers = list(SAMPLERS)
         return coordinator_pb2.GetModelInfoResponse(
             model_name=self.model.name, model_config_json=self.model.to_json(),
@@ -70,3 +80,29 @@ class ModelInfo:
             default_steps=[SAMPLERS[name].default_steps for name in samplers],
             default_guidance_scale=self.config.default_guidance_scale, stages=stages,
             has_decoder=self.has_decoder)
+
+    async def stages(self) -> list[StageDescription]:
+        """The live chain; while a stage cannot be reached, the chain as last described
+        with that stage (named by the innermost error, else every stage) not serving."""
+        try:
+            stages = await self.chain.describe()
+        except ServiceError as error:
+            if not self.known_stages:
+                raise
+            down = _unreachable_stage(error.message)
+            stages = [replace(d, serving=False) if down in (None, d.stage_index) else d
+                      for d in self.known_stages]
+            log_event("stage_unhealthy", level=logging.WARNING,
+                      stage="all" if down is None else down, message=error.message)
+        else:
+            self.known_stages = stages
+        for d in stages:
+            metrics.STAGE_SERVING.labels(str(d.stage_index)).set(int(d.serving))
+        return stages
+
+
+def _unreachable_stage(message: str) -> int | None:
+    """The stage an error names last: hops prefix the error of the next hop with their
+    own peer's name ("stage-1 at A: stage-2 at B: Deadline Exceeded" names stage 2)."""
+    found = re.findall(r"stage-(\d+) at ", message)
+    return int(found[-1]) if found else None

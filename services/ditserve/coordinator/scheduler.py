@@ -218,10 +218,14 @@ class Scheduler:
 
     # -- ends -----------------------------------------------------------------------------
 
-    def fail(self, microbatch: Microbatch, error: ServiceError) -> SchedulerOutput:
-        """Ends the requests of a microbatch that failed (after the engine's retries)."""
+    def fail(self, microbatch: Microbatch, error: ServiceError,
+             now: float | None = None) -> SchedulerOutput:
+        """Ends the requests of a microbatch that failed (after the engine's retries); one
+        asked to stop (given `now`) ends with its own reason: cancelled, past its deadline."""
         unfinished = [r for r in microbatch.requests if r.status is not RequestStatus.FINISHED]
-        return SchedulerOutput(finished=[self._finish(r, error) for r in unfinished])
+        return SchedulerOutput(finished=[
+            self._finish(r, (r.stop_error(now) if now is not None else None) or error)
+            for r in unfinished])
 
     def finish(self, request: Request, error: ServiceError | None = None) -> Request:
         """Ends a request whose images are made (or failed to be)."""

@@ -124,9 +124,10 @@ async def serve(options: CoordinatorOptions) -> None:
     engine = Engine(chain, model, options.config.coordinator, len(stages),
                     OutputMaker(decoder, previews))
     info = ModelInfo(model, chain, options.config.coordinator, names,
-                     has_decoder=decoder is not None)
+                     has_decoder=decoder is not None, stages=stages)
     lifecycle = ServiceLifecycle("coordinator", options.listen, [SERVICE_NAME],
-                                 options.metrics_port, options.grace, security=_security(options))
+                                 options.metrics_port, options.grace, security=_security(options),
+                                 max_receive_bytes=options.config.coordinator.max_receive_bytes)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
         CoordinatorServicer(engine, info), lifecycle.server)
     lifecycle.on_shutdown(_closer(engine, chain, decoder))

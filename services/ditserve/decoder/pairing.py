@@ -8,7 +8,7 @@ read from its own files, never from weight hashes (weights get retrained):
   the checkpoint folder: the demo model's layout (`weights/dit.safetensors` +
   `weights/vae/`, both written by `ditserve train-demo`) and diffusers' pipeline layout
   (`transformer/` + `vae/`);
-- otherwise the DiT paper's convention (DESIGN §3): Stable Diffusion's VAE, latents
+- otherwise the DiT paper's convention (docs/ARCHITECTURE.md §3): Stable Diffusion's VAE, latents
   scaled by 0.18215, as many channels as the DiT's input.
 
 A VAE belongs when it has as many latent channels and the same scaling factor.
@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ditserve.common.status import UserError
+
 SD_SCALING_FACTOR = 0.18215
 """Latent scale of Stable Diffusion's VAE, which the official DiT checkpoints use."""
 SCALE_RTOL = 1e-3
@@ -29,7 +31,7 @@ five digits (0.18215), while distinct VAEs differ in the first two (SD 0.18215, 
 0.13025, the demo VAE about 0.57)."""
 
 
-class VaePairingError(ValueError):
+class VaePairingError(UserError, ValueError):
     """The VAE does not decode the latents of the DiT being served."""
 
 

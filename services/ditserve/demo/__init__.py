@@ -1,8 +1,9 @@
 """The embedded demo model: a small DiT and VAE trained on procedural shapes.
 
 `ditserve train-demo` makes the files under `weights/`: `dit.safetensors` (ditserve
-format), `vae/` (a diffusers AutoencoderKL folder), `classifier.safetensors` (the judge
-of generated images), `class_names.txt`, `MODEL_CARD.md` and `samples.png`. Importing this
+format), `vae/` (a diffusers AutoencoderKL folder), `classifier.safetensors` and
+`shape_classifier.safetensors` (the judges of generated images: by colour and shape, and by
+outline alone), `class_names.txt`, `MODEL_CARD.md` and `samples.png`. Importing this
 package needs no torch; `classify` imports it when called.
 """
 
@@ -21,19 +22,26 @@ DEMO_DIT_PATH = DEMO_WEIGHTS / "dit.safetensors"
 DEMO_VAE_PATH = DEMO_WEIGHTS / "vae"
 """The shipped VAE, a diffusers AutoencoderKL folder (its config holds scaling_factor)."""
 DEMO_CLASSIFIER_PATH = DEMO_WEIGHTS / "classifier.safetensors"
-"""The shipped shape classifier."""
+"""The shipped colour judge: sees RGB, so colour alone may tell it the class."""
+DEMO_SHAPE_CLASSIFIER_PATH = DEMO_WEIGHTS / "shape_classifier.safetensors"
+"""The shipped shape judge: sees grey images normalised per image, trained on the outlines
+in random colours, so only a recognisable outline tells it the class."""
 DEMO_CLASS_NAMES: list[str] = [
     "red circle", "blue square", "green triangle", "yellow star", "purple cross",
     "orange ring", "cyan diamond", "white heart", "pink hexagon", "brown arrow"]
 """Class label → name (shapes.CLASS_NAMES, kept here so that reading it needs no numpy)."""
 
-_classifier = None
+JUDGES = {"colour": DEMO_CLASSIFIER_PATH, "shape": DEMO_SHAPE_CLASSIFIER_PATH}
+"""The shipped judges by name."""
+_loaded: dict = {}
 
 
-def classify(images: np.ndarray) -> np.ndarray:
-    """Class labels (N,) of uint8 images (N, 64, 64, 3), by the shipped classifier."""
-    global _classifier
+def classify(images: np.ndarray, judge: str = "colour") -> np.ndarray:
+    """Class labels (N,) of uint8 images (N, 64, 64, 3), by the shipped judge named
+    `judge` ("colour" or "shape")."""
     from .classifier import load_classifier, predict
-    if _classifier is None:
-        _classifier = load_classifier(DEMO_CLASSIFIER_PATH)
-    return predict(_classifier, images)
+    if judge not in JUDGES:
+        raise ValueError(f"no judge {judge!r}; there are {sorted(JUDGES)}")
+    if judge not in _loaded:
+        _loaded[judge] = load_classifier(JUDGES[judge])
+    return predict(_loaded[judge], images)

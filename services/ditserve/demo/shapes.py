@@ -16,6 +16,9 @@ from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
 """Side of every image, in pixels."""
+RADIUS = (11.0, 22.0)
+"""Range of a shape's radius, in pixels (larger shapes, whose outlines span more of the
+VAE's 8-pixel latent cells, are a lever still to measure: see the model card)."""
 _SUPERSAMPLE = 4
 
 # (name, RGB colour, outline function). The outline maps (radius, angle) → vertices around 0.
@@ -100,7 +103,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 def _shape_mask(label: int, rng: np.random.Generator) -> np.ndarray:
     """The antialiased coverage (S, S) in [0, 1] of one shape of class `label`."""
     big = IMAGE_SIZE * _SUPERSAMPLE
-    radius = rng.uniform(11, 22)
+    radius = rng.uniform(*RADIUS)
     cx, cy = (rng.uniform(radius + 1, IMAGE_SIZE - radius - 1) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
     canvas = Image.new("L", (big, big), 0)
@@ -114,22 +117,32 @@ def _shape_mask(label: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def draw_image(label: int, rng: np.random.Generator) -> np.ndarray:
-    """One (S, S, 3) uint8 image of class `label`."""
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    """Any colour (3,) that stands out of the dark background: brightest channel ≥ 140."""
+    colour = rng.uniform(0, 255, 3)
+    return colour * max(1.0, rng.uniform(140, 255) / colour.max())
+
+
+def draw_image(label: int, rng: np.random.Generator, random_colour: bool = False) -> np.ndarray:
+    """One (S, S, 3) uint8 image of class `label`, in its class colour (jittered) or, with
+    `random_colour`, in any colour (for a judge that must tell classes by outline alone)."""
     background = _background(rng)
-    colour = np.clip(np.array(CLASSES[label][1]) + rng.normal(0, 12, 3), 0, 255)
+    colour = (_random_colour(rng) if random_colour
+              else np.clip(np.array(CLASSES[label][1]) + rng.normal(0, 12, 3), 0, 255))
     mask = _shape_mask(label, rng)[..., None]
     shade = 1 + rng.uniform(-0.08, 0.08) * np.linspace(-1, 1, IMAGE_SIZE)[:, None, None]
     image = background * (1 - mask) + colour * shade * mask
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def make_dataset(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make_dataset(count: int, seed: int,
+                 random_colour: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """`count` images (count, S, S, 3) uint8 and labels (count,) int64, class-balanced
-    (labels cycle 0..9, then are shuffled), the same for the same seed."""
+    (labels cycle 0..9, then are shuffled), the same for the same seed; `random_colour`
+    draws every shape in any colour instead of its class's."""
     if count < 1:
         raise ValueError(f"dataset size must be positive, got {count}")
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % len(CLASSES)).astype(np.int64)
-    images = np.stack([draw_image(int(y), rng) for y in labels])
+    images = np.stack([draw_image(int(y), rng, random_colour) for y in labels])
     return images, labels

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds open requests get to finish on SIGTERM (default 5)")
     parser.add_argument("--log-level", default="info",
-                        choices=("critical", "error", "warning", "info", "debug"))
+                        choices=("critical", "error", "warning", "info", "debug"),
+                        help="the gateway's and uvicorn's log level (default info)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -114,7 +114,7 @@ def _write_config(config: PipelineConfig, run_dir: Path) -> None:
 
     import yaml
 
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # --tls has made its tls/ already
     path = run_dir / "pipeline.yaml"
     path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 

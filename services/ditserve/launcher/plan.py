@@ -3,7 +3,7 @@
 The same YAML file is the Kubernetes ConfigMap: in a cluster each pod runs one of these
 commands with its stage index from the environment; locally every service runs on one
 host, so `localize` gives each service its own port on that host (127.0.0.1 by default:
-plaintext without authentication stays on loopback, DESIGN §6) keeping the rest of the
+plaintext without authentication stays on loopback, docs/ARCHITECTURE.md §6) keeping the rest of the
 config.
 """
 

@@ -43,7 +43,11 @@ INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 2.0
 RECONNECT_WAIT_S = 2.5
 """How long a call waits for a stream that is between reconnection attempts."""
-DESCRIBE_TIMEOUT_S = 10.0
+DESCRIBE_TIMEOUT_S = 5.0
+"""Time limit of a DescribeChain call from the coordinator; each hop asks the next one
+with DESCRIBE_HOP_MARGIN_S less, so that a frozen stage's predecessor answers (naming
+it) before the callers upstream give up."""
+DESCRIBE_HOP_MARGIN_S = 0.5
 
 Outputs = dict[str, torch.Tensor]
 
@@ -186,11 +190,11 @@ class StageClient:
             _settle(future, error=ServiceError(error.code, error.message))
         self._inflight.clear()
 
-    async def describe(self) -> list[stage_pb2.StageInfo]:
+    async def describe(self, timeout: float = DESCRIBE_TIMEOUT_S) -> list[stage_pb2.StageInfo]:
         """DescribeChain of the stage and every stage after it."""
         try:
             reply = await self._stub.DescribeChain(stage_pb2.DescribeChainRequest(),
-                                                   timeout=DESCRIBE_TIMEOUT_S)
+                                                   timeout=timeout)
         except grpc.RpcError as rpc_error:
             error = error_from_rpc(rpc_error)
             raise ServiceError(error.code, f"{self.peer} at {self.address}: "

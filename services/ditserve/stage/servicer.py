@@ -38,7 +38,7 @@ from ditserve.wire import (
 )
 
 from . import metrics
-from .client import StageClient, info_from_description
+from .client import DESCRIBE_HOP_MARGIN_S, DESCRIBE_TIMEOUT_S, StageClient, info_from_description
 from .fairness import FairGate
 from .runner import StageRunner
 
@@ -226,7 +226,16 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         stages = [info_from_description(runner.describe(serving=self.serving))]
         if self.next_hop is not None:
             try:
-                stages += await self.next_hop.describe()
+                stages += await self.next_hop.describe(_hop_timeout(context))
             except ServiceError as error:
                 await context.abort_with_status(to_grpc_status(error))
         return stage_pb2.DescribeChainResponse(stages=stages)
+
+
+def _hop_timeout(context: Any) -> float:
+    """The next hop's DescribeChain limit: a margin less than this call's own, so that an
+    unreachable stage is named by its predecessor before the callers give up."""
+    left = context.time_remaining()
+    if left is None:
+        return DESCRIBE_TIMEOUT_S
+    return max(0.1, min(DESCRIBE_TIMEOUT_S, left - DESCRIBE_HOP_MARGIN_S))
