@@ -52,10 +52,16 @@ def undisturbed(cluster) -> dict[int, np.ndarray]:
                 .latents.to_numpy() for seed in SEEDS}
 
 
-def _pid(up: UpCluster, role: str) -> int:
-    """The pid of the running service whose command line has ` ROLE `."""
-    found = [pid for pid in descendants(up.proc.pid) if f" {role} " in f"{_cmdline(pid)} "
-             and is_alive(pid) and "-c" not in _cmdline(pid).split()[1:2]]
+def _pid(up: UpCluster, role: str, timeout: float = 30.0) -> int:
+    """The pid of the running service whose command line has ` ROLE ` (waits while a
+    restarted one is still exec'ing from its start-up wrapper)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [pid for pid in descendants(up.proc.pid) if f" {role} " in f"{_cmdline(pid)} "
+                 and is_alive(pid) and "-c" not in _cmdline(pid).split()[1:2]]
+        if len(found) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert len(found) == 1, (role, found)
     return found[0]
 
