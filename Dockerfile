@@ -55,8 +55,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN groupadd --system --gid 10001 ditserve \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
       --shell /usr/sbin/nologin ditserve
-# 50051: gRPC (every service); 9100: Prometheus metrics (--metrics-port 9100).
-EXPOSE 50051 9100
+# 50051: gRPC (every service); 8080: the HTTP gateway (`ditserve gateway`); 9100:
+# Prometheus metrics (--metrics-port 9100).
+EXPOSE 50051 8080 9100
 ENTRYPOINT ["ditserve"]
 CMD ["--help"]
 

@@ -7,6 +7,8 @@ Fixtures (use them from any test module):
 - `tiny_checkpoint`      → Path of a ditserve .safetensors of that model (session-scoped):
                            reference init, then perturbed so that every output is nonzero.
 - `tiny_model`           → the whole model loaded from it (float32, eval).
+- `error_status(code, message, retry_delay)` → a grpc.Status (google.rpc code, optional
+                           RetryInfo) for fakes to abort with, as a real server would.
 - `UpCluster`            → `ditserve up` as a subprocess on free ports: `start()` waits for
                            its "coordinator at" line; `stop()` leaves no process behind.
 - `launcher`             → a module-scoped `Launcher`: starts `ditserve ...` subprocesses,
@@ -30,13 +32,30 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from ditserve.common import process as procs
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 torch.set_num_threads(1)
 
 STARTUP_TIMEOUT_S = 60.0
+
+
+def error_status(code: int | str, message: str,
+                 retry_delay: float | None = None) -> grpc.Status:
+    """A rich status as ditserve's servers send it: `code` a google.rpc code (number or
+    name), with RetryInfo when `retry_delay` (s) is given."""
+    number = code_pb2.Code.Value(code) if isinstance(code, str) else code
+    status = status_pb2.Status(code=number, message=message)
+    if retry_delay is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_delay * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return rpc_status.to_status(status)
 
 
 def find_free_port() -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from conftest import error_status
 from ditserve_client.proto.dit.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -24,9 +25,7 @@ from ditserve_client.proto.dit.v1 import (
     stage_pb2,
     tensor_pb2,
 )
-from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.rpc import code_pb2
 from PIL import Image
 
 IMAGE_SIDE = 16
@@ -46,14 +45,6 @@ def latents_tensor(n: int) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(datatype="FP32", shape=[n, *LATENT_SHAPE],
                              raw_contents=struct.pack(f"<{count}f", *range(count)))
 
-
-def error_status(code: int, message: str, retry_delay: float | None = None) -> grpc.Status:
-    status = status_pb2.Status(code=code, message=message)
-    if retry_delay is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(retry_delay * 1e9))
-        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return rpc_status.to_status(status)
 
 
 @dataclass

@@ -32,10 +32,7 @@ import pytest
 from conftest import find_free_port
 from ditserve.gateway.server import START_LINE
 from ditserve_client.proto.dit.v1 import coordinator_pb2, coordinator_pb2_grpc, image_pb2
-from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from PIL import Image
 
 CLASS_NAMES = ["red circle", "blue square", "green triangle"]
@@ -46,14 +43,6 @@ def png_bytes(label: int, side: int = 16) -> bytes:
     Image.new("RGB", (side, side), (80 * label % 256, 40, 200)).save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def error_status(code: str, message: str, retry_delay: float | None = None) -> grpc.Status:
-    status = status_pb2.Status(code=code_pb2.Code.Value(code), message=message)
-    if retry_delay is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(retry_delay * 1e9))
-        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return rpc_status.to_status(status)
 
 
 @dataclass

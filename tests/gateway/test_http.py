@@ -10,12 +10,11 @@ import socket
 import subprocess
 
 import pytest
-from conftest import find_free_port
+from conftest import error_status, find_free_port
 
 from .conftest import (
     CLASS_NAMES,
     GatewayProcess,
-    error_status,
     gateway_argv,
     png_bytes,
     sse_events,
