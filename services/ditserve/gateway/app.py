@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from ..common.logs import log_event
 from .auth import TokenCheck, bearer_token
 from .config import GatewayConfig
 from .messages import ApiError, GenerateBody, event_json
@@ -41,7 +41,6 @@ from .upstream import Upstream
 
 STATIC = Path(__file__).parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
-LOG = logging.getLogger("ditserve.gateway")
 T = TypeVar("T")
 
 
@@ -215,7 +214,8 @@ class Gateway:
                 return EventStream(first, events, self.config.heartbeat, self._log_end(body))
             result = await unless_disconnected(request.receive, _last(events))
         except ClientGone:
-            LOG.info("client closed the connection: request cancelled (%s)", body.request_id)
+            log_event("request_cancelled", request_id=body.request_id,
+                      reason="the HTTP client closed the connection")
             return Response(status_code=499)  # never sent: nobody is listening
         except StopAsyncIteration:
             return error_response(ApiError(500, "INTERNAL", "the Generate stream was empty"))
@@ -225,7 +225,8 @@ class Gateway:
         return JSONResponse(event_json(result)[1])
 
     def _log_end(self, body: GenerateBody) -> Callable[[str], None]:
-        return lambda outcome: LOG.info("event stream ended: %s (%s)", outcome, body.request_id)
+        return lambda outcome: log_event("event_stream_ended", request_id=body.request_id,
+                                        outcome=outcome)
 
 
 async def _last(events: AsyncIterator[Event]) -> Result:

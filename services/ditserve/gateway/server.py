@@ -9,12 +9,12 @@ cancellation cancels its gRPC call) and runs the app's shutdown (closing the cha
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 
 import uvicorn
 
+from ..common.logs import configure_logging
 from .auth import TokenCheck
 from .config import GatewayConfig
 
@@ -48,7 +48,7 @@ def serve(config: GatewayConfig, log_level: str = "info") -> int:
     """Serves until a signal; returns the exit status."""
     from .app import build_app
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    configure_logging("gateway", log_level)
     tokens = TokenCheck.from_file(config.tokens_file)
     sock = bind(config)
 
