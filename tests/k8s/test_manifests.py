@@ -27,6 +27,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from ditserve.common.address import split_host_port
 from ditserve.config import PipelineConfig, load_config
 from ditserve.model.configs import dit_config
 from ditserve.model.partition import parse_block_range, stage_block_range
@@ -123,8 +124,7 @@ def pipeline(docs: tuple[Doc, ...], tmp_path: Path) -> PipelineConfig:
 
 
 def host_port(address: str) -> tuple[str, int]:
-    host, port = address.rsplit(":", 1)
-    return host, int(port)
+    return split_host_port(address)
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:

@@ -43,6 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from .address import split_host_port as address_split
 from .grpc_options import MAX_MESSAGE_BYTES, server_options
 from .logs import log_event
 from .metrics import serve_metrics
@@ -66,11 +67,8 @@ class ListenError(UserError, ValueError):
 
 
 def split_host_port(address: str) -> tuple[str, int]:
-    """'127.0.0.1:50051' → ('127.0.0.1', 50051); '[::]:50051' → ('::', 50051)."""
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        raise ListenError(f"address {address!r} must be HOST:PORT")
-    return host.strip("[]"), int(port)
+    """'127.0.0.1:50051' → ('127.0.0.1', 50051); ListenError if it is not HOST:PORT."""
+    return address_split(address, f"address {address!r}", ListenError)
 
 
 def bind_error(address: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from ditserve.common.address import split_host_port
 from ditserve.common.status import CommandError
 
 
@@ -70,9 +71,8 @@ class GatewayConfig:
 
 
 def host_port(flag: str, address: str) -> tuple[str, int]:
-    """"HOST:PORT" or "[V6]:PORT" → (host, port); ValueError naming the flag otherwise."""
-    host, sep, port = address.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    """"HOST:PORT" or "[V6]:PORT" → (host, port); CommandError naming the flag otherwise."""
+    host, port = split_host_port(address, flag, CommandError)
+    if not host:
         raise CommandError(f"{flag} must be HOST:PORT, got {address!r}")
-    return host, int(port)
+    return host, port

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ditserve.common.address import join_host_port
 from ditserve.config import PipelineConfig
 
 LOOPBACK = "127.0.0.1"
@@ -43,11 +44,6 @@ class ServiceSpec:
         return f"http://{host}:{self.metrics_port}/metrics" if self.metrics_port else ""
 
 
-def host_port(host: str, port: int) -> str:
-    """'HOST:PORT', with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def localize(config: PipelineConfig, base_port: int, host: str = LOOPBACK) -> PipelineConfig:
     """The config with every service on `host`: coordinator at base_port, decoder at +1,
     stage k at +2+k; nothing else changes. A wildcard host (0.0.0.0, ::) binds every
@@ -55,7 +51,7 @@ def localize(config: PipelineConfig, base_port: int, host: str = LOOPBACK) -> Pi
     dial = _WILDCARDS.get(host, host)
 
     def where(port: int) -> dict[str, str]:
-        return {"address": host_port(dial, port), "listen": host_port(host, port)}
+        return {"address": join_host_port(dial, port), "listen": join_host_port(host, port)}
 
     stages = [dataclasses.replace(s, **where(base_port + 2 + k))
               for k, s in enumerate(config.stages)]
@@ -97,8 +93,8 @@ def plan(config: PipelineConfig, config_file: Path, metrics_port: int | None = N
         dial_host = config.coordinator.address.rpartition(":")[0].strip("[]")
         specs.append(ServiceSpec(
             "gateway", (*ditserve, "gateway", "--target", config.coordinator.address,
-                        "--listen", host_port(listen_host, http_port),
+                        "--listen", join_host_port(listen_host, http_port),
                         *(("--tls", "--ca-file", str(gateway_ca)) if gateway_ca else ())),
-            host_port(dial_host, http_port), host_port(listen_host, http_port), 2,
+            join_host_port(dial_host, http_port), join_host_port(listen_host, http_port), 2,
             health="http"))
     return specs

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ditserve.common.address import join_host_port
 from ditserve.common.status import UserError
 from ditserve.config import PipelineConfig
 
-from .plan import ServiceSpec, host_port
+from .plan import ServiceSpec
 
 SERVER_MODULES = ("torch", "safetensors", "diffusers", "numpy", "yaml", "grpc_health",
                   "grpc_reflection", "prometheus_client")
@@ -78,7 +79,7 @@ def check_ports(specs: list[ServiceSpec]) -> None:
         addresses = [(spec.listen, "--port")]
         if spec.metrics_port:
             host = split_host_port(spec.listen)[0]
-            addresses.append((host_port(host, spec.metrics_port), "--metrics-port"))
+            addresses.append((join_host_port(host, spec.metrics_port), "--metrics-port"))
         for address, flag in addresses:
             cause = bind_error(address)
             if cause and "already in use" in cause:
