@@ -47,6 +47,11 @@ def _trailers(error: grpc.RpcError) -> Iterable[tuple[str, str | bytes]] | None:
     return trailing() if callable(trailing) else None
 
 
+def retry_info_delay(error: grpc.RpcError) -> float | None:
+    """The RetryInfo delay (s) in the status details of `error`, if it has one."""
+    return _retry_delay(_trailers(error))
+
+
 def has_status_details(error: grpc.RpcError) -> bool:
     """Whether the status carries google.rpc.Status details: the server's own answer (every
     ditserve service attaches them), not one gRPC made up for a failed connection."""
