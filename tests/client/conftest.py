@@ -78,6 +78,9 @@ class Behaviour:
     """Generate calls after the first that are refused before any event with this
     code (a restarted coordinator whose queue is full), RetryInfo `refuse_delay` s."""
     refuse_code: int = code_pb2.RESOURCE_EXHAUSTED
+    error_after_result: grpc.Status | None = None
+    """Generate sends its Result (without images), then fails with this status: the
+    coordinator's answer when the decoder stayed down."""
     refuse_delay: float = 0.3
     class_names: list[str] = field(default_factory=list)
     num_classes: int = 1000
@@ -125,6 +128,11 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if breaking and step > b.break_after:
                 context.abort(b.break_code, b.break_message)
             yield coordinator_pb2.GenerateResponse(progress=self._progress(request, step, steps))
+        if b.error_after_result is not None:
+            result = self._result(request)
+            del result.images[:]
+            yield coordinator_pb2.GenerateResponse(result=result)
+            context.abort_with_status(b.error_after_result)
         yield coordinator_pb2.GenerateResponse(result=self._result(request))
 
     @staticmethod
