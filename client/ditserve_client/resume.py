@@ -97,6 +97,8 @@ class Resumption:
             self.accepted = event
             self._pin(event)
             return event
+        if isinstance(event, Progress) and event.waiting_on:
+            return event  # a notice, not a step: always shown
         if isinstance(event, Progress):
             if event.step <= self.step:
                 return None

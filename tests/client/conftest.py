@@ -78,6 +78,8 @@ class Behaviour:
     """Generate calls after the first that are refused before any event with this
     code (a restarted coordinator whose queue is full), RetryInfo `refuse_delay` s."""
     refuse_code: int = code_pb2.RESOURCE_EXHAUSTED
+    waiting_after: int | None = None
+    """After this step, a waiting notice (Progress with waiting_on "stage chain")."""
     error_after_result: grpc.Status | None = None
     """Generate sends its Result (without images), then fails with this status: the
     coordinator's answer when the decoder stayed down."""
@@ -128,6 +130,11 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if breaking and step > b.break_after:
                 context.abort(b.break_code, b.break_message)
             yield coordinator_pb2.GenerateResponse(progress=self._progress(request, step, steps))
+            if step == b.waiting_after:
+                yield coordinator_pb2.GenerateResponse(progress=coordinator_pb2.Progress(
+                    step=step, total_steps=steps, waiting_on="stage chain",
+                    waiting_reason="stage 1 at 127.0.0.1:1 is unavailable",
+                    waiting_seconds=5.5))
         if b.error_after_result is not None:
             result = self._result(request)
             del result.images[:]

@@ -210,3 +210,11 @@ def test_the_cli_saves_the_latents_when_the_images_are_missing(coordinator, fake
     assert f"wrote {latents}" in captured.out
     error_lines = [line for line in captured.err.splitlines() if "images are missing" in line]
     assert len(error_lines) == 1 and "Traceback" not in captured.err
+
+
+def test_the_cli_says_what_a_stalled_request_waits_on(coordinator, fake, tmp_path, capsys):
+    fake.configure(waiting_after=1)
+    assert main(["generate", "--target", coordinator.address, "--class", "1",
+                 "--out", str(tmp_path / "a.png")]) == 0
+    err = capsys.readouterr().err
+    assert "waiting on the stage chain for 6 s: stage 1 at 127.0.0.1:1 is unavailable" in err

@@ -295,3 +295,13 @@ def test_an_error_before_any_result_carries_none(client, fake):
     with pytest.raises(DitserveError) as err:
         client.generate_result([1])
     assert err.value.result is None
+
+
+def test_a_waiting_notice_is_an_event_of_its_own(client, fake):
+    fake.configure(waiting_after=2)
+    events = list(client.generate([1]))
+    notices = [e for e in events if isinstance(e, Progress) and e.waiting_on]
+    steps = [e.step for e in events if isinstance(e, Progress) and not e.waiting_on]
+    assert steps == [1, 2, 3, 4] and len(notices) == 1  # shown, though its step repeats
+    assert notices[0].step == 2 and notices[0].waiting_seconds == 5.5
+    assert "unavailable" in notices[0].waiting_reason

@@ -128,7 +128,8 @@ def event_to_proto(event: Event) -> coordinator_pb2.GenerateResponse:
         return coordinator_pb2.GenerateResponse(progress=coordinator_pb2.Progress(
             step=event.step, total_steps=event.total_steps, timestep=event.timestep,
             elapsed_seconds=event.elapsed_seconds, eta_seconds=event.eta_seconds,
-            previews=event.previews))
+            previews=event.previews, waiting_on=event.waiting_on,
+            waiting_reason=event.waiting_reason, waiting_seconds=event.waiting_seconds))
     return coordinator_pb2.GenerateResponse(result=_result(event))
 
 

@@ -86,20 +86,26 @@ class Accepted(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., guidance_scale: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds", "eta_seconds", "previews")
+    __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds", "eta_seconds", "previews", "waiting_on", "waiting_reason", "waiting_seconds")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_ON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     timestep: int
     elapsed_seconds: float
     eta_seconds: float
     previews: _containers.RepeatedCompositeFieldContainer[_image_pb2.Image]
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_image_pb2.Image, _Mapping]]] = ...) -> None: ...
+    waiting_on: str
+    waiting_reason: str
+    waiting_seconds: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_image_pb2.Image, _Mapping]]] = ..., waiting_on: _Optional[str] = ..., waiting_reason: _Optional[str] = ..., waiting_seconds: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("images", "latents", "queued_seconds", "denoising_seconds", "decoding_seconds", "seed")
