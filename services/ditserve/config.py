@@ -102,6 +102,10 @@ class CoordinatorConfig:
     max_receive_bytes: int = 64 * 1024
     """Largest message the public port accepts: a GenerateRequest is a few hundred bytes,
     so a larger one is refused RESOURCE_EXHAUSTED before it costs memory."""
+    stage_health_interval_seconds: float = 10.0
+    """How often the coordinator describes the chain on its own (DescribeChain) to keep
+    each stage's `serving` in GetModelInfo and `dit_coordinator_stage_serving` current
+    when nobody asks; 0 turns it off."""
 
     def listen_address(self) -> str:
         return self.listen or f"[::]:{self.address.rsplit(':', 1)[-1]}"
