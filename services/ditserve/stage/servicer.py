@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -54,6 +55,11 @@ stage by default, so 8 is ample, and a flood on another stream leaves it the oth
 
 IDLE_TIMEOUT_S = 30.0
 """A microbatch whose next chunk takes longer than this is failed and its bytes freed."""
+
+STAMPS_PER_STREAM = 4096
+"""Origins one stream's stamps remember (least recently seen forgotten first): a peer that
+invents an origin per microbatch on a long-lived stream cannot grow the map without bound,
+and a relay stream carries one origin per stream that entered stage 0, far fewer at once."""
 
 _END = object()  # sentinel: no more replies on this stream
 
@@ -130,7 +136,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         """Reads the stream to its end; returns why it must be refused, if it must."""
         tasks: set[asyncio.Task] = set()
         stream = object()  # this stream's turn at the compute thread
-        stamps: dict[int, int] = {}  # origin received → this stage's stamp for it
+        stamps: OrderedDict[int, int] = OrderedDict()  # origin received → our stamp for it
         violation = None
         try:
             async for frame in request_iterator:
@@ -145,8 +151,12 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 if microbatch is not None:
                     # Stage 0 is where microbatches enter: what they claim is ignored.
                     received = 0 if self.runner.stage_index == 0 else microbatch.first_frame.origin
-                    if received not in stamps:
+                    if received in stamps:
+                        stamps.move_to_end(received)
+                    else:
                         stamps[received] = next(self._origins)
+                        if len(stamps) > STAMPS_PER_STREAM:
+                            stamps.popitem(last=False)
                     task = asyncio.create_task(self._handle(
                         microbatch, assembler, replies, stream, stamps[received]))
                     tasks.add(task)
