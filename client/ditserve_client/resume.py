@@ -17,8 +17,10 @@ covers that: channel.py).
 While resuming, a coordinator that answers RESOURCE_EXHAUSTED (its queue is full: every
 client of the crashed one is coming back at once) or UNAVAILABLE (its chain is not ready
 yet) is asked again too, no sooner than its RetryInfo says: that request was accepted
-once and must not be lost to the crowd at the door. A fresh request gets those answers
-as errors, as before.
+once and must not be lost to the crowd at the door. It is also marked
+`GenerateRequest.resumed`, which admits it into a reserve of the coordinator's beyond
+the queue that fresh requests fill (`coordinator.max_resumed_requests`). A fresh request
+gets those answers as errors, as before.
 
 How long: a break is retried with backoff (0.5 s doubling to 5 s) for up to `window`
 seconds (default 120), within the call's own deadline; the window starts again once a
@@ -144,6 +146,7 @@ class Resumption:
         if now + delay >= end:
             return None
         self.resumes += 1
+        self.request.resumed = True  # may take the coordinator's reserve for resumed ones
         return delay
 
     def gave_up(self, error: DitserveError) -> DitserveError:

@@ -32,6 +32,7 @@ def test_a_broken_stream_resumes_with_the_accepted_seed(coordinator, fake):
     assert fake.generate_calls == 2
     first, again = fake.requests
     assert not first.HasField("seed") and again.seed == 42  # the seed the server picked
+    assert not first.resumed and again.resumed  # may use the coordinator's reserve
     assert again.request_id == "req-1" and again.num_steps == 4
     assert again.sampler == coordinator_pb2.SAMPLER_DDIM and again.guidance_scale == 4.0
     assert list(again.class_labels) == [1, 2] and again.return_latents

@@ -65,7 +65,7 @@ def spec_from_proto(request: coordinator_pb2.GenerateRequest, model: DiTConfig,
         preview_every=request.preview_every or 1,
         image_format=_image_format(request.image_format),
         image_quality=_quality(request.image_quality), skip_images=request.skip_images,
-        return_latents=request.return_latents,
+        return_latents=request.return_latents, resumed=request.resumed,
         deadline=None if timeout is None else time.monotonic() + timeout)
     check_rows(spec, config)
     _check_outputs(spec, has_decoder)
