@@ -39,7 +39,9 @@ def _protoc(out: Path) -> None:
 
 
 def _rewrite_imports(out: Path) -> None:
-    for path in out.rglob("*.py*"):
+    for path in out.rglob("*"):
+        if path.suffix not in (".py", ".pyi"):  # not __pycache__/*.pyc of an earlier run
+            continue
         text = path.read_text()
         path.write_text(IMPORT.sub("from ditserve_client.proto.dit.v1 import ", text))
     for package in (out / "dit", out / "dit" / "v1"):

@@ -94,8 +94,13 @@ class AsyncClient:
                               **options: Any) -> Result:
         """`generate` run to its end: the Result (same options)."""
         last = None
-        async for event in self.generate(class_labels_or_names, **options):
-            last = event
+        try:
+            async for event in self.generate(class_labels_or_names, **options):
+                last = event
+        except DitserveError as error:
+            if isinstance(last, Result):
+                error.result = last  # the latents the decoder never turned into images
+            raise
         if not isinstance(last, Result):
             raise DitserveError("INTERNAL", "the Generate stream ended without a result")
         return last

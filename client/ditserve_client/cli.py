@@ -172,6 +172,9 @@ def run_generate(args: argparse.Namespace) -> int:
             if isinstance(event, Accepted):
                 bar.message(f"request {event.request_id}: seed {event.seed}, {event.sampler} "
                             f"{event.num_steps} steps, guidance {event.guidance_scale:g}")
+            elif isinstance(event, Progress) and event.waiting_on:
+                bar.message(f"waiting on the {event.waiting_on} for "
+                            f"{event.waiting_seconds:.0f} s: {event.waiting_reason}")
             elif isinstance(event, Progress):
                 bar.update(event.step, event.total, event.elapsed, event.eta)
                 _write_previews(args.preview_dir, event)

@@ -41,10 +41,15 @@ def needs_names(labels: Sequence[Label]) -> bool:
 
 
 def final_result(events: Sequence[Event] | Iterator[Event]) -> Result:
-    """The Result that ends a stream of events."""
+    """The Result that ends a stream of events; an error after a Result carries it."""
     last = None
-    for event in events:
-        last = event
+    try:
+        for event in events:
+            last = event
+    except DitserveError as error:
+        if isinstance(last, Result):
+            error.result = last
+        raise
     if not isinstance(last, Result):
         raise DitserveError("INTERNAL", "the Generate stream ended without a result")
     return last

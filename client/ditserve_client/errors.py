@@ -9,6 +9,7 @@ Reference: https://google.aip.dev/193 (errors, RetryInfo).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -18,7 +19,10 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 class DitserveError(Exception):
     """A failed call: the canonical status code name, the server's message and, when the
-    server gave one, how many seconds to wait before trying again."""
+    server gave one, how many seconds to wait before trying again. `result`: the Result
+    the stream sent before it failed, if any (the decoder stayed down: a Result with the
+    latents that were asked for and no images, then UNAVAILABLE), so nothing computed is
+    lost to the caller of `generate_result`."""
 
     def __init__(self, code: str, message: str, retry_after: float | None = None):
         hint = f" (retry after {retry_after:g} s)" if retry_after is not None else ""
@@ -26,6 +30,7 @@ class DitserveError(Exception):
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.result: Any = None
 
 
 def _retry_delay(metadata: Iterable[tuple[str, str | bytes]] | None) -> float | None:
@@ -45,6 +50,11 @@ def _retry_delay(metadata: Iterable[tuple[str, str | bytes]] | None) -> float | 
 def _trailers(error: grpc.RpcError) -> Iterable[tuple[str, str | bytes]] | None:
     trailing = getattr(error, "trailing_metadata", None)
     return trailing() if callable(trailing) else None
+
+
+def retry_info_delay(error: grpc.RpcError) -> float | None:
+    """The RetryInfo delay (s) in the status details of `error`, if it has one."""
+    return _retry_delay(_trailers(error))
 
 
 def has_status_details(error: grpc.RpcError) -> bool:

@@ -105,7 +105,9 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Progress:
-    """A denoising step done (1-based `step` of `total`), with optional previews."""
+    """A denoising step done (1-based `step` of `total`), with optional previews; or,
+    when `waiting_on` is set, a notice that the request is stalled on that peer ("stage
+    chain", "decoder") since `waiting_seconds`, `step` repeating the last step done."""
 
     step: int
     total: int
@@ -113,12 +115,17 @@ class Progress:
     elapsed: float
     eta: float
     previews: list[EncodedImage] = field(default_factory=list)
+    waiting_on: str = ""
+    waiting_reason: str = ""
+    waiting_seconds: float = 0.0
 
     @classmethod
     def from_proto(cls, msg: coordinator_pb2.Progress) -> Progress:
         return cls(step=msg.step, total=msg.total_steps, timestep=msg.timestep,
                    elapsed=msg.elapsed_seconds, eta=msg.eta_seconds,
-                   previews=[EncodedImage.from_proto(p) for p in msg.previews])
+                   previews=[EncodedImage.from_proto(p) for p in msg.previews],
+                   waiting_on=msg.waiting_on, waiting_reason=msg.waiting_reason,
+                   waiting_seconds=msg.waiting_seconds)
 
 
 @dataclass(frozen=True)

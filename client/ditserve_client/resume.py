@@ -14,6 +14,14 @@ stages for as long as the request allows, and INVALID_ARGUMENT, CANCELLED, ... n
 change on a second try. Nothing is resumed before Accepted (the channel's retry policy
 covers that: channel.py).
 
+While resuming, a coordinator that answers RESOURCE_EXHAUSTED (its queue is full: every
+client of the crashed one is coming back at once) or UNAVAILABLE (its chain is not ready
+yet) is asked again too, no sooner than its RetryInfo says: that request was accepted
+once and must not be lost to the crowd at the door. It is also marked
+`GenerateRequest.resumed`, which admits it into a reserve of the coordinator's beyond
+the queue that fresh requests fill (`coordinator.max_resumed_requests`). A fresh request
+gets those answers as errors, as before.
+
 How long: a break is retried with backoff (0.5 s doubling to 5 s) for up to `window`
 seconds (default 120), within the call's own deadline; the window starts again once a
 resumed stream shows something new.
@@ -27,7 +35,7 @@ from collections.abc import Callable
 
 import grpc
 
-from .errors import DitserveError, has_status_details
+from .errors import DitserveError, has_status_details, retry_info_delay
 from .events import Accepted, Event, Progress
 from .proto.dit.v1 import coordinator_pb2
 from .request import SAMPLERS, EventReader
@@ -38,6 +46,8 @@ RESUME_WINDOW_S = 120.0
 """Default seconds to wait for a coordinator to come back after a stream broke."""
 INITIAL_DELAY_S, MAX_DELAY_S = 0.5, 5.0
 """Backoff between attempts to send a broken request again."""
+REFUSALS_WHILE_RESUMING = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+"""The coordinator's answers that a resumed request waits out rather than fails on."""
 RESET_MARKERS = ("Stream removed", "RST_STREAM", "Socket closed", "Connection reset")
 """Details of UNKNOWN/INTERNAL statuses that gRPC makes up for a stream cut off mid-way."""
 
@@ -89,6 +99,8 @@ class Resumption:
             self.accepted = event
             self._pin(event)
             return event
+        if isinstance(event, Progress) and event.waiting_on:
+            return event  # a notice, not a step: always shown
         if isinstance(event, Progress):
             if event.step <= self.step:
                 return None
@@ -110,7 +122,10 @@ class Resumption:
 
     def retry_delay(self, error: grpc.RpcError, target: str) -> float | None:
         """Seconds to wait before sending the request again; None: give up on `error`."""
-        if self.accepted is None or self.window <= 0 or not broken_stream(error):
+        if self.accepted is None or self.window <= 0:
+            return None
+        refused = self.resuming and _code(error) in REFUSALS_WHILE_RESUMING
+        if not (refused or broken_stream(error)):
             return None
         now = self.clock()
         if self.broken_at is None:
@@ -124,16 +139,25 @@ class Resumption:
         if self.deadline is not None:
             end = min(end, self.deadline)
         delay, self.delay = self.delay, min(MAX_DELAY_S, 2 * self.delay)
+        if refused:
+            delay = max(delay, retry_info_delay(error) or 0.0)
+            log.info("request %s: the coordinator answered %s (%s); asking again in %.1f s",
+                     self.accepted.request_id, error.code().name, error.details(), delay)
         if now + delay >= end:
             return None
         self.resumes += 1
+        self.request.resumed = True  # may take the coordinator's reserve for resumed ones
         return delay
 
     def gave_up(self, error: DitserveError) -> DitserveError:
         """`error`, saying how long the client waited when it had been resuming."""
-        if self.broken_at is None or error.code != "UNAVAILABLE":
+        if self.broken_at is None or error.code not in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
             return error
         waited = self.clock() - self.broken_at
         return DitserveError(error.code, f"{error.message} (the stream broke at step "
                              f"{self.step}; not back after {waited:.0f} s of resuming)",
                              error.retry_after)
+
+
+def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    return error.code() if callable(getattr(error, "code", None)) else None

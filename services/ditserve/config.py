@@ -78,6 +78,10 @@ class CoordinatorConfig:
     """host:port to bind; empty means the address's port on all interfaces."""
     max_queued_requests: int = 64
     """Requests admitted but not finished; beyond it Generate fails RESOURCE_EXHAUSTED."""
+    max_resumed_requests: int = 16
+    """Reserve beyond max_queued_requests for requests a client sends again after its
+    stream broke (GenerateRequest.resumed: this coordinator restarted), so that a full
+    queue of fresh requests does not refuse work that was accepted once; 0: no reserve."""
     max_rows_per_microbatch: int = 32
     """Most rows (images, times 2 with guidance) in one microbatch; at most the stages'
     max_batch_size. A guided request of max_images_per_request images must fit."""
@@ -102,6 +106,10 @@ class CoordinatorConfig:
     max_receive_bytes: int = 64 * 1024
     """Largest message the public port accepts: a GenerateRequest is a few hundred bytes,
     so a larger one is refused RESOURCE_EXHAUSTED before it costs memory."""
+    stage_health_interval_seconds: float = 10.0
+    """How often the coordinator describes the chain on its own (DescribeChain) to keep
+    each stage's `serving` in GetModelInfo and `dit_coordinator_stage_serving` current
+    when nobody asks; 0 turns it off."""
 
     def listen_address(self) -> str:
         return self.listen or f"[::]:{self.address.rsplit(':', 1)[-1]}"
@@ -214,6 +222,9 @@ class PipelineConfig:
         if coordinator.unavailable_grace_seconds < 0 or coordinator.microbatch_timeout_seconds <= 0:
             raise ConfigError("coordinator.unavailable_grace_seconds must be >= 0 and "
                               "coordinator.microbatch_timeout_seconds > 0")
+        if coordinator.max_resumed_requests < 0:
+            raise ConfigError(f"coordinator.max_resumed_requests must be >= 0, got "
+                              f"{coordinator.max_resumed_requests}")
         if coordinator.max_receive_bytes < 1024:
             raise ConfigError(f"coordinator.max_receive_bytes must be at least 1024, got "
                               f"{coordinator.max_receive_bytes}")

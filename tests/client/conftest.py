@@ -65,6 +65,16 @@ class Behaviour:
     break_message: str = "Socket closed"
     generate_error: grpc.Status | None = None
     """Generate fails with this status before any event."""
+    refuse_after_break: int = 0
+    """Generate calls after the first that are refused before any event with this
+    code (a restarted coordinator whose queue is full), RetryInfo `refuse_delay` s."""
+    refuse_code: int = code_pb2.RESOURCE_EXHAUSTED
+    waiting_after: int | None = None
+    """After this step, a waiting notice (Progress with waiting_on "stage chain")."""
+    error_after_result: grpc.Status | None = None
+    """Generate sends its Result (without images), then fails with this status: the
+    coordinator's answer when the decoder stayed down."""
+    refuse_delay: float = 0.3
     class_names: list[str] = field(default_factory=list)
     num_classes: int = 1000
     steps: int = 4
@@ -92,10 +102,14 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
             self.metadata.append(dict(context.invocation_metadata()))
             failing = self.generate_calls <= b.fail_generate
             breaking = self.generate_calls - b.fail_generate <= b.breaks
+            refusing = 1 < self.generate_calls <= 1 + b.refuse_after_break
         if failing:
             context.abort_with_status(error_status(code_pb2.UNAVAILABLE, "warming up", 0.01))
         if b.generate_error is not None:
             context.abort_with_status(b.generate_error)
+        if refusing:
+            context.abort_with_status(error_status(b.refuse_code, "queue full (64 waiting)",
+                                                   b.refuse_delay))
         steps = request.num_steps or b.steps
         yield coordinator_pb2.GenerateResponse(accepted=coordinator_pb2.Accepted(
             request_id=request.request_id or "req-1", queue_position=0,
@@ -107,6 +121,16 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if breaking and step > b.break_after:
                 context.abort(b.break_code, b.break_message)
             yield coordinator_pb2.GenerateResponse(progress=self._progress(request, step, steps))
+            if step == b.waiting_after:
+                yield coordinator_pb2.GenerateResponse(progress=coordinator_pb2.Progress(
+                    step=step, total_steps=steps, waiting_on="stage chain",
+                    waiting_reason="stage 1 at 127.0.0.1:1 is unavailable",
+                    waiting_seconds=5.5))
+        if b.error_after_result is not None:
+            result = self._result(request)
+            del result.images[:]
+            yield coordinator_pb2.GenerateResponse(result=result)
+            context.abort_with_status(b.error_after_result)
         yield coordinator_pb2.GenerateResponse(result=self._result(request))
 
     @staticmethod

@@ -195,3 +195,26 @@ def test_progress_bar_redraws_in_place_on_a_terminal():
     bar.finish()
     text = stream.getvalue()
     assert text.count("\r") == 4 and text.endswith("\n") and "[##########] 100%" in text
+
+
+def test_the_cli_saves_the_latents_when_the_images_are_missing(coordinator, fake, tmp_path,
+                                                               capsys):
+    from .test_client import DECODER_DOWN
+    fake.configure(**DECODER_DOWN)
+    out, latents = tmp_path / "x.png", tmp_path / "x.npy"
+    code = main(["generate", "--target", coordinator.address, "--class", "1", "--class", "2",
+                 "--out", str(out), "--latents-out", str(latents)])
+    assert code != 0 and not out.exists()
+    assert np.load(latents).shape == (2, 4, 2, 2)  # what was computed is on disk
+    captured = capsys.readouterr()
+    assert f"wrote {latents}" in captured.out
+    error_lines = [line for line in captured.err.splitlines() if "images are missing" in line]
+    assert len(error_lines) == 1 and "Traceback" not in captured.err
+
+
+def test_the_cli_says_what_a_stalled_request_waits_on(coordinator, fake, tmp_path, capsys):
+    fake.configure(waiting_after=1)
+    assert main(["generate", "--target", coordinator.address, "--class", "1",
+                 "--out", str(tmp_path / "a.png")]) == 0
+    err = capsys.readouterr().err
+    assert "waiting on the stage chain for 6 s: stage 1 at 127.0.0.1:1 is unavailable" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import grpc
@@ -9,6 +10,7 @@ import pytest
 from conftest import find_free_port  # the shared tests/conftest.py
 from ditserve_client import (
     Accepted,
+    AsyncClient,
     Client,
     DitserveError,
     Progress,
@@ -256,3 +258,50 @@ def test_a_stage_address_is_named_by_reflection():
         assert "needs the coordinator" in str(err.value)
     finally:
         server.stop(grace=None)
+
+
+DECODER_DOWN = dict(error_after_result=error_status(
+    code_pb2.UNAVAILABLE, "images are missing, the latents were sent in the Result: "
+    "decoder at 127.0.0.1:1 is unavailable"))
+
+
+def test_latents_sent_before_a_failure_ride_on_the_error(client, fake):
+    """The decoder stayed down: the coordinator sends the latents asked for, then
+    UNAVAILABLE. `generate_result` raises, and the latents are on the error."""
+    fake.configure(**DECODER_DOWN)
+    with pytest.raises(DitserveError) as err:
+        client.generate_result([1, 2], seed=3, return_latents=True)
+    assert err.value.code == "UNAVAILABLE" and "images are missing" in err.value.message
+    kept = err.value.result
+    assert isinstance(kept, Result) and kept.images == [] and kept.seed == 3
+    assert kept.latents is not None and kept.latents.shape == (2, 4, 2, 2)
+
+
+def test_the_asyncio_client_keeps_them_too(coordinator, fake):
+    fake.configure(**DECODER_DOWN)
+
+    async def run() -> DitserveError:
+        async with AsyncClient(coordinator.address, timeout=10) as aclient:
+            with pytest.raises(DitserveError) as err:
+                await aclient.generate_result([4], return_latents=True)
+            return err.value
+
+    error = asyncio.run(run())
+    assert error.code == "UNAVAILABLE" and error.result.latents.shape == (1, 4, 2, 2)
+
+
+def test_an_error_before_any_result_carries_none(client, fake):
+    fake.configure(fail_after_accepted=True)
+    with pytest.raises(DitserveError) as err:
+        client.generate_result([1])
+    assert err.value.result is None
+
+
+def test_a_waiting_notice_is_an_event_of_its_own(client, fake):
+    fake.configure(waiting_after=2)
+    events = list(client.generate([1]))
+    notices = [e for e in events if isinstance(e, Progress) and e.waiting_on]
+    steps = [e.step for e in events if isinstance(e, Progress) and not e.waiting_on]
+    assert steps == [1, 2, 3, 4] and len(notices) == 1  # shown, though its step repeats
+    assert notices[0].step == 2 and notices[0].waiting_seconds == 5.5
+    assert "unavailable" in notices[0].waiting_reason

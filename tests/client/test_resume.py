@@ -6,6 +6,7 @@ real coordinator under `ditserve up`) is tests/launcher/test_faults.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -13,6 +14,9 @@ from ditserve.cli import main
 from ditserve_client import Accepted, AsyncClient, Client, DitserveError, Progress, Result
 from ditserve_client.proto.dit.v1 import coordinator_pb2
 from ditserve_client.resume import Resumption, broken_stream
+from google.rpc import code_pb2
+
+from .conftest import error_status
 
 
 def _shape(events) -> list:
@@ -28,6 +32,7 @@ def test_a_broken_stream_resumes_with_the_accepted_seed(coordinator, fake):
     assert fake.generate_calls == 2
     first, again = fake.requests
     assert not first.HasField("seed") and again.seed == 42  # the seed the server picked
+    assert not first.resumed and again.resumed  # may use the coordinator's reserve
     assert again.request_id == "req-1" and again.num_steps == 4
     assert again.sampler == coordinator_pb2.SAMPLER_DDIM and again.guidance_scale == 4.0
     assert list(again.class_labels) == [1, 2] and again.return_latents
@@ -73,6 +78,48 @@ def test_it_gives_up_after_the_resume_window(coordinator, fake):
         client.generate_result([1])
     assert err.value.code == "UNAVAILABLE" and "not back after" in err.value.message
     assert 2 <= fake.generate_calls <= 5
+
+
+@pytest.mark.parametrize("code", ["RESOURCE_EXHAUSTED", "UNAVAILABLE"])
+def test_a_resumed_request_waits_out_a_full_queue(coordinator, fake, code):
+    """Every client of a crashed coordinator comes back at once: a resumed request that the
+    restarted one refuses (queue full, chain not ready) asks again after its RetryInfo."""
+    fake.configure(breaks=1, break_after=2, refuse_after_break=3,
+                   refuse_code=code_pb2.Code.Value(code), refuse_delay=0.3)
+    with Client(coordinator.address, timeout=30) as client:
+        started = time.monotonic()
+        events = list(client.generate([1], seed=9))
+        waited = time.monotonic() - started
+    assert _shape(events) == ["Accepted", 1, 2, 3, 4, "Result"]
+    assert fake.generate_calls == 5 and {r.seed for r in fake.requests} == {9}
+    assert waited >= 3 * 0.3  # each refusal's RetryInfo was honoured, not only the backoff
+
+
+def test_a_fresh_request_refused_by_a_full_queue_still_fails_at_once(coordinator, fake):
+    fake.configure(generate_error=error_status(code_pb2.RESOURCE_EXHAUSTED, "queue full", 2.0))
+    with Client(coordinator.address, timeout=30) as client, pytest.raises(DitserveError) as err:
+        client.generate_result([1])
+    assert err.value.code == "RESOURCE_EXHAUSTED" and err.value.retry_after == 2.0
+    assert fake.generate_calls == 1
+
+
+def test_a_resumed_request_gives_up_when_the_queue_stays_full(coordinator, fake):
+    fake.configure(breaks=1, break_after=1, refuse_after_break=1000, refuse_delay=0.2)
+    with Client(coordinator.address, timeout=30, resume_window=1.5) as client, \
+            pytest.raises(DitserveError) as err:
+        client.generate_result([1])
+    assert err.value.code == "RESOURCE_EXHAUSTED" and "not back after" in err.value.message
+
+
+def test_the_asyncio_client_waits_out_a_full_queue_too(coordinator, fake):
+    fake.configure(breaks=1, break_after=1, refuse_after_break=2, refuse_delay=0.2)
+
+    async def run() -> list:
+        async with AsyncClient(coordinator.address, timeout=30) as client:
+            return [e async for e in client.generate([3], seed=5)]
+
+    assert _shape(asyncio.run(run())) == ["Accepted", 1, 2, 3, 4, "Result"]
+    assert fake.generate_calls == 4
 
 
 def test_a_zero_window_never_resumes(coordinator, fake):

@@ -4,6 +4,7 @@ continuous batching, cancellation, deadlines, admission and retries."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
@@ -211,6 +212,30 @@ def test_queue_full_fails_fast_with_a_retry_hint(model):
     refused, again = run(main())
     assert refused.code is StatusCode.RESOURCE_EXHAUSTED and refused.retry_after > 0
     assert again.error is None
+
+
+def test_resumed_requests_have_a_reserve_beyond_the_full_queue(model):
+    """After a coordinator restart every client comes back at once: fresh requests fill
+    max_queued_requests, and requests sent again (resumed) still get in, up to
+    max_resumed_requests more; beyond that they are refused like the others."""
+    async def main():
+        engine, _ = make_engine(model, delay=0.01, max_queued_requests=2,
+                                max_resumed_requests=1)
+        admitted = [engine.submit(spec([i], seed=i, steps=3)) for i in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit(spec([5], steps=3))
+        admitted.append(engine.submit(dataclasses.replace(spec([6], seed=6, steps=3),
+                                                          resumed=True)))
+        with pytest.raises(QueueFull):
+            engine.submit(dataclasses.replace(spec([7], steps=3), resumed=True))
+        results = []
+        for handle in admitted:
+            async for event in handle.events():
+                last = event
+            results.append(type(last).__name__)
+        return results
+
+    assert run(main()) == ["Result", "Result", "Result"]
 
 
 def test_requests_beyond_capacity_wait_in_the_queue(model):

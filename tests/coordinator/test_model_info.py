@@ -84,3 +84,39 @@ def test_an_unreachable_stage_is_reported_not_serving(message, down):
     assert [s.stage_index for s in reply.stages if not s.serving] == down
     chain.error = None
     assert all(s.serving for s in asyncio.run(info.describe()).stages)
+
+
+def test_the_stage_serving_gauge_follows_the_chain_without_anyone_asking():
+    """The coordinator's own watch (every `stage_health_interval_seconds`) updates
+    dit_coordinator_stage_serving; GetModelInfo is never called here."""
+    import asyncio
+
+    from ditserve.common.status import ServiceError, StatusCode
+    from ditserve.config import CoordinatorConfig
+    from ditserve.coordinator import metrics
+    from ditserve.coordinator.model_info import ModelInfo, watch_stages
+
+    def serving(stage: int) -> float:
+        return metrics.STAGE_SERVING.labels(str(stage))._value.get()
+
+    async def main() -> list[list[float]]:
+        chain = _Chain()
+        info = ModelInfo(TEN, chain, CoordinatorConfig(), class_names(TEN),
+                         stages=[_stage(i) for i in range(3)])
+        watcher = asyncio.create_task(watch_stages(info, 0.01))
+        seen = []
+        try:
+            await asyncio.sleep(0.05)
+            seen.append([serving(i) for i in range(3)])
+            chain.error = ServiceError(StatusCode.UNAVAILABLE,
+                                       "stage-0 at A: stage-1 at B: failed to connect")
+            await asyncio.sleep(0.05)
+            seen.append([serving(i) for i in range(3)])
+            chain.error = None
+            await asyncio.sleep(0.05)
+            seen.append([serving(i) for i in range(3)])
+        finally:
+            watcher.cancel()
+        return seen
+
+    assert asyncio.run(main()) == [[1, 1, 1], [1, 0, 1], [1, 1, 1]]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from ditserve.common.status import ServiceError, StatusCode
 from ditserve.config import CoordinatorConfig
+from ditserve.coordinator import engine as engine_module
 from ditserve.coordinator import recovery
 from ditserve.coordinator.engine import Engine
 from ditserve.coordinator.outputs import OutputMaker
@@ -216,3 +217,46 @@ def test_without_latents_asked_the_decoder_failure_is_the_error(model):
     outcome = run(main())
     assert outcome.result is None and outcome.error.code is StatusCode.UNAVAILABLE
     assert "decoder is still unavailable" in outcome.error.message
+
+
+def _notices_and_steps(outcome) -> tuple[list, list[int]]:
+    notices = [p for p in outcome.progress if p.waiting_on]
+    return notices, [p.step for p in outcome.progress if not p.waiting_on]
+
+
+def test_a_stalled_request_is_told_what_it_waits_on(model, monkeypatch):
+    """Not a silent stream: a notice (a Progress with `waiting_on`) when the wait starts,
+    then every WAIT_NOTICE_SECONDS; the steps themselves are unchanged."""
+    monkeypatch.setattr(engine_module, "WAIT_NOTICE_SECONDS", 0.05)
+
+    async def main():
+        engine, chain = make_engine(model, unavailable_grace_seconds=30.0)
+        chain.fail_next(25)  # ~0.4 s of waiting at 0.01-0.02 s backoff
+        return await collect(engine, spec([4], seed=9, steps=3))
+
+    outcome = run(main())
+    notices, steps = _notices_and_steps(outcome)
+    assert outcome.error is None and steps == [1, 2, 3]
+    assert len(notices) >= 2  # the start of the wait, then repeated while it lasts
+    assert {n.waiting_on for n in notices} == {"stage chain"}
+    assert all("injected" in n.waiting_reason and n.step == 0 and not n.previews
+               for n in notices)
+    assert notices[-1].waiting_seconds > notices[0].waiting_seconds
+
+
+def test_a_request_waiting_on_the_decoder_is_told_before_its_result(model, monkeypatch):
+    """The decode is a task the stream waits on: notices must not queue behind it."""
+    monkeypatch.setattr(engine_module, "WAIT_NOTICE_SECONDS", 0.0)
+
+    async def main():
+        engine, _ = make_engine(model, FlakyDecoder(failures=4), unavailable_grace_seconds=30)
+        events = []
+        async for event in engine.submit(spec([1], steps=2, skip_images=False)).events():
+            events.append(event)
+        return events
+
+    events = run(main())
+    waiting = [i for i, e in enumerate(events) if getattr(e, "waiting_on", "")]
+    assert waiting and all(events[i].waiting_on == "decoder" and events[i].step == 2
+                           for i in waiting)
+    assert waiting[-1] < len(events) - 1 and events[-1].images  # all before the Result

@@ -41,13 +41,18 @@ StreamItem = Event | ServiceError | asyncio.Task | None
 
 __all__ = ["Engine", "QueueFull", "RequestHandle"]
 
+WAIT_NOTICE_SECONDS = 5.0
+"""While a request is stalled on a peer, a waiting notice is sent this often."""
+
 
 class RequestHandle:
     """What a caller holds: the request's events, and a way to cancel it."""
 
     def __init__(self, request: Request, stream: asyncio.Queue[StreamItem],
-                 cancel: Callable[[Request], None]):
+                 cancel: Callable[[Request], None],
+                 notices: asyncio.Queue[Progress] | None = None):
         self._request, self._stream, self._cancel = request, stream, cancel
+        self._notices: asyncio.Queue[Progress] = notices or asyncio.Queue()
 
     @property
     def request_id(self) -> str:
@@ -62,16 +67,45 @@ class RequestHandle:
         self._cancel(self._request)
 
     async def events(self) -> AsyncIterator[Event]:
-        """Accepted, Progress..., Result; a failure is raised as ServiceError."""
-        while (item := await self._stream.get()) is not None:
-            # shield: a reader that goes away must not cancel a decode others wait for
-            event = await asyncio.shield(item) if isinstance(item, asyncio.Task) else item
+        """Accepted, Progress..., Result; a failure is raised as ServiceError. Waiting
+        notices (a Progress with `waiting_on`) come as soon as they are sent, also while
+        the stream itself waits on a step or on the decoder."""
+        while True:
+            getter = asyncio.ensure_future(self._stream.get())
+            try:
+                async for notice in self._notices_until(getter):
+                    yield notice
+            finally:
+                getter.cancel()  # a reader gone mid-wait must not swallow a later item
+            if (item := getter.result()) is None:
+                return
+            if isinstance(item, asyncio.Task):
+                # asyncio.wait never cancels `item`: a reader that goes away must not
+                # cancel a decode others wait for
+                async for notice in self._notices_until(item):
+                    yield notice
+                event = item.result()
+            else:
+                event = item
             if isinstance(event, tuple):  # latents without images, then why (Engine._decode)
                 result, event = event
                 yield result
             if isinstance(event, ServiceError):
                 raise event
             yield event
+
+    async def _notices_until(self, future: asyncio.Future) -> AsyncIterator[Progress]:
+        """The notices sent until `future` is done."""
+        while not future.done():
+            notice = asyncio.ensure_future(self._notices.get())
+            try:
+                done, _ = await asyncio.wait({future, notice},
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not notice.done():
+                    notice.cancel()
+            if notice in done:
+                yield notice.result()
 
 
 class Engine:
@@ -85,6 +119,8 @@ class Engine:
         self.scheduler = Scheduler(model, config, self.slots, sampler_factory or make_sampler)
         self.outputs = outputs or OutputMaker(None)
         self._streams: dict[Request, asyncio.Queue[StreamItem]] = {}
+        self._wait_notices: dict[Request, float] = {}  # when each stalled one was told
+        self._notices: dict[Request, asyncio.Queue[Progress]] = {}
         self._microbatches: set[asyncio.Task] = set()
         self._tasks: set[asyncio.Task] = set()
         self._wake_pending = False
@@ -108,6 +144,7 @@ class Engine:
             raise
         position = len(self.scheduler.waiting) - 1
         stream = self._streams[request] = asyncio.Queue()
+        notices = self._notices[request] = asyncio.Queue()
         stream.put_nowait(Accepted(spec.request_id, position, spec))
         if spec.deadline is not None:
             asyncio.get_running_loop().call_later(
@@ -115,7 +152,7 @@ class Engine:
         log_event("request_admitted", request_id=spec.request_id, images=spec.num_images,
                   sampler=spec.sampler, steps=spec.num_steps, queued=position + 1)
         self._wake()
-        return RequestHandle(request, stream, self.cancel)
+        return RequestHandle(request, stream, self.cancel, notices)
 
     def cancel(self, request: Request) -> None:
         """The request stops at the next step boundary."""
@@ -196,6 +233,8 @@ class Engine:
                 if healthy and not self.chain_outage.down:  # not a reconnection's wait
                     self.round_trips.add(time.monotonic() - sent)
                 self.chain_outage.recovered()
+                for request in microbatch.requests:  # a later wait is told from its start
+                    self._wait_notices.pop(request, None)
                 self._count_busy(seconds)
                 return out
             await self._wait_out(error, "stage chain", self.chain_outage, microbatch.requests,
@@ -215,11 +254,29 @@ class Engine:
                                f"{now - started:.1f} s and {attempt} attempts: "
                                f"{error.message}") from None
         outage.failed(error)
+        self._notify_waiting(requests, peer, error, now - started, now)
         log_event("waiting_on_peer", level=logging.WARNING, peer=peer, attempt=attempt,
                   waited_seconds=round(now - started, 2), retry_in=delay, code=error.code.value,
                   message=error.message, **fields)
         metrics.RETRIES.inc()
         await asyncio.sleep(delay)
+
+    def _notify_waiting(self, requests: list[Request], peer: str, error: ServiceError,
+                        waited: float, now: float) -> None:
+        """Tells each stalled request's client what it waits on: when the wait starts,
+        then every WAIT_NOTICE_SECONDS (a Progress notice repeating the last step)."""
+        for request in requests:
+            notices = self._notices.get(request)
+            last = self._wait_notices.get(request)
+            if notices is None or request.stop is not None or (
+                    last is not None and now - last < WAIT_NOTICE_SECONDS):
+                continue
+            self._wait_notices[request] = now
+            started = request.started_at if request.started_at is not None else now
+            notices.put_nowait(Progress(
+                request.step, request.sampler.num_steps, 0, now - started,
+                request.eta_seconds(now), waiting_on=peer, waiting_reason=error.message,
+                waiting_seconds=round(waited, 3)))
 
     def _patience(self, requests: list[Request], started: float) -> float:
         """When to stop waiting for a peer: the latest end any of `requests` still wants
@@ -301,6 +358,8 @@ class Engine:
         False: the stream carries it already), then the end."""
         for request in finished:
             stream = self._streams.pop(request, None)
+            self._wait_notices.pop(request, None)
+            self._notices.pop(request, None)
             if stream is None:  # ended already
                 continue
             outcome = request.error.code.value if request.error else "ok"

@@ -39,4 +39,6 @@ PEER_UP = Gauge("dit_coordinator_peer_up",
                 "waits for it to come back.", ["peer"])
 STAGE_SERVING = Gauge("dit_coordinator_stage_serving",
                       "1 if the stage answered the last chain description healthy, 0 if it "
-                      "was unreachable or not serving (updated by GetModelInfo).", ["stage"])
+                      "was unreachable or not serving (described every "
+                      "coordinator.stage_health_interval_seconds, and by GetModelInfo).",
+                      ["stage"])

@@ -8,6 +8,8 @@ it, as the demo model has them); the ImageNet-1k names of the client package for
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 from dataclasses import replace
@@ -99,6 +101,16 @@ class ModelInfo:
         for d in stages:
             metrics.STAGE_SERVING.labels(str(d.stage_index)).set(int(d.serving))
         return stages
+
+
+async def watch_stages(info: ModelInfo, interval: float) -> None:
+    """Describes the chain every `interval` seconds until cancelled, so a stage that goes
+    down shows as not serving (metrics, logs) without anyone calling GetModelInfo."""
+    while True:
+        await asyncio.sleep(interval)
+        # ServiceError: no chain described yet; the handshake's error was logged already
+        with contextlib.suppress(ServiceError):
+            await info.stages()
 
 
 def _unreachable_stage(message: str) -> int | None:

@@ -65,7 +65,7 @@ def spec_from_proto(request: coordinator_pb2.GenerateRequest, model: DiTConfig,
         preview_every=request.preview_every or 1,
         image_format=_image_format(request.image_format),
         image_quality=_quality(request.image_quality), skip_images=request.skip_images,
-        return_latents=request.return_latents,
+        return_latents=request.return_latents, resumed=request.resumed,
         deadline=None if timeout is None else time.monotonic() + timeout)
     check_rows(spec, config)
     _check_outputs(spec, has_decoder)
@@ -128,7 +128,8 @@ def event_to_proto(event: Event) -> coordinator_pb2.GenerateResponse:
         return coordinator_pb2.GenerateResponse(progress=coordinator_pb2.Progress(
             step=event.step, total_steps=event.total_steps, timestep=event.timestep,
             elapsed_seconds=event.elapsed_seconds, eta_seconds=event.eta_seconds,
-            previews=event.previews))
+            previews=event.previews, waiting_on=event.waiting_on,
+            waiting_reason=event.waiting_reason, waiting_seconds=event.waiting_seconds))
     return coordinator_pb2.GenerateResponse(result=_result(event))
 
 

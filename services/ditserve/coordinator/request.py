@@ -113,6 +113,10 @@ class Progress:
     eta_seconds: float
     previews: list[Any] = field(default_factory=list)
     """dit.v1.Image messages (approximate or decoded previews), when asked at this step."""
+    waiting_on: str = ""
+    """Non-empty for a notice, not a step: the peer the request is stalled on."""
+    waiting_reason: str = ""
+    waiting_seconds: float = 0.0
 
 
 @dataclass

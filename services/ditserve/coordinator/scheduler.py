@@ -132,8 +132,12 @@ class Scheduler:
     # -- admission and stopping ---------------------------------------------------------
 
     def add(self, spec: GenerationSpec, now: float) -> Request:
-        """Admits a request (QueueFull at once beyond max_queued_requests)."""
-        if self.num_admitted >= self.config.max_queued_requests:
+        """Admits a request (QueueFull at once beyond max_queued_requests; a resumed one
+        may also take the max_resumed_requests reserve above it)."""
+        limit = self.config.max_queued_requests
+        if spec.resumed:  # accepted once, before a restart: not to be lost to the crowd
+            limit += self.config.max_resumed_requests
+        if self.num_admitted >= limit:
             raise QueueFull(self.config.max_queued_requests)
         shape = (self.model.in_channels, self.model.input_size, self.model.input_size)
         request = Request.create(spec, self.make_sampler(spec.sampler, spec.num_steps), shape,

@@ -31,7 +31,7 @@ from ditserve.security.tls import Dialer
 from ditserve.stage.runner import StageDescription
 
 from .engine import Engine
-from .model_info import ModelInfo, class_names
+from .model_info import ModelInfo, class_names, watch_stages
 from .outputs import OutputMaker
 from .servicer import CoordinatorServicer
 
@@ -134,7 +134,13 @@ async def serve(options: CoordinatorOptions) -> None:
     await lifecycle.start()
     log_event("chain_ready", stages=len(stages), model=model.name, decoder=options.decoder)
     await lifecycle.set_serving()
-    await lifecycle.wait_for_termination()
+    interval = options.config.coordinator.stage_health_interval_seconds
+    watcher = asyncio.create_task(watch_stages(info, interval)) if interval > 0 else None
+    try:
+        await lifecycle.wait_for_termination()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
 
 
 def fit_previews(vae: str) -> LatentRgbMap | None:

@@ -47,6 +47,8 @@ class GenerationSpec:
     return_latents: bool = False
     deadline: float | None = None
     """time.monotonic() after which the request fails DEADLINE_EXCEEDED; None: no limit."""
+    resumed: bool = False
+    """Sent again after its stream broke: may use the max_resumed_requests reserve."""
 
     @property
     def num_images(self) -> int:

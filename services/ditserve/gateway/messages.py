@@ -183,7 +183,9 @@ def accepted_json(event: Accepted) -> dict[str, Any]:
 def progress_json(event: Progress) -> dict[str, Any]:
     return {"step": event.step, "total_steps": event.total, "timestep": event.timestep,
             "elapsed_seconds": event.elapsed, "eta_seconds": event.eta,
-            "previews": [data_url(p) for p in event.previews]}
+            "previews": [data_url(p) for p in event.previews],
+            "waiting_on": event.waiting_on, "waiting_reason": event.waiting_reason,
+            "waiting_seconds": event.waiting_seconds}
 
 
 def result_json(event: Result) -> dict[str, Any]:

@@ -76,7 +76,10 @@ SCHEMAS = {
         "timestep": {"type": "integer"}, "elapsed_seconds": {"type": "number"},
         "eta_seconds": {"type": "number"},
         "previews": {"type": "array", "items": {"type": "string", "format": "uri"},
-                     "description": "data: URLs of the predicted clean images"}}},
+                     "description": "data: URLs of the predicted clean images"},
+        "waiting_on": {"type": "string", "description": "set on a notice, not a step: the "
+                       "peer the request is stalled on (\"stage chain\", \"decoder\")"},
+        "waiting_reason": {"type": "string"}, "waiting_seconds": {"type": "number"}}},
     "Image": IMAGE,
     "Result": {"type": "object", "properties": {
         "request_id": {"type": "string"}, "seed": SEED,

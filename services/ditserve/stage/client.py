@@ -77,15 +77,17 @@ class StageClient:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def call(self, tensors: Sequence[tuple[str, torch.Tensor]],
-                   request_ids: Sequence[str] = ()) -> tuple[Outputs, list[float]]:
-        """Sends one microbatch; returns the reply's tensors and per-stage compute seconds."""
+                   request_ids: Sequence[str] = (), origin: int = 0,
+                   ) -> tuple[Outputs, list[float]]:
+        """Sends one microbatch; returns the reply's tensors and per-stage compute seconds.
+        `origin`: the sending stage's stamp of where the microbatch entered (fairness.py)."""
         if self._closed:
             raise ServiceError(StatusCode.UNAVAILABLE, f"client of {self.address} is closed")
         self.start()
         queue = await self._queue()
         mb_id = next(self._ids)
         frames = encode_frames(stage_pb2.ForwardRequest, mb_id, tensors, self.chunk_bytes,
-                               request_ids=list(request_ids))
+                               request_ids=list(request_ids), origin=origin)
         future = asyncio.get_running_loop().create_future()
         self._inflight[mb_id] = future
         for frame in frames:

@@ -9,14 +9,18 @@ which ends it with INVALID_ARGUMENT.
 Abuse stays bounded: received bytes are charged to one budget across all streams (a
 microbatch that does not fit gets RESOURCE_EXHAUSTED), a microbatch whose bytes stop
 arriving is failed after `idle_timeout`, and streams take turns at the compute thread
-(fairness.py), so a flood on one stream cannot starve the coordinator's.
+and within a stream by origin (the way a microbatch entered the chain, stamped by every
+stage it passes: fairness.py), so a flood cannot starve the coordinator's microbatches at
+this stage or at any stage after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,7 +43,7 @@ from ditserve.wire import (
 
 from . import metrics
 from .client import DESCRIBE_HOP_MARGIN_S, DESCRIBE_TIMEOUT_S, StageClient, info_from_description
-from .fairness import FairGate
+from .fairness import FairGate, OriginWindow
 from .runner import StageRunner
 
 RECEIVE_BUDGET_MICROBATCHES = 16
@@ -51,6 +55,11 @@ stage by default, so 8 is ample, and a flood on another stream leaves it the oth
 
 IDLE_TIMEOUT_S = 30.0
 """A microbatch whose next chunk takes longer than this is failed and its bytes freed."""
+
+STAMPS_PER_STREAM = 4096
+"""Origins one stream's stamps remember (least recently seen forgotten first): a peer that
+invents an origin per microbatch on a long-lived stream cannot grow the map without bound,
+and a relay stream carries one origin per stream that entered stage 0, far fewer at once."""
 
 _END = object()  # sentinel: no more replies on this stream
 
@@ -69,6 +78,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         self._share_bytes = stream_share_bytes
         self._budget: ByteBudget | None = None
         self.gate = FairGate()
+        self._window: OriginWindow | None = None
+        self._origins = itertools.count(1)  # origin stamps, unique in this process
 
     @property
     def name(self) -> str:
@@ -102,6 +113,14 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                       message=violation)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation)
 
+    def _origin_window(self) -> OriginWindow:
+        # One origin may keep a microbatch at this stage and at each one after it (what the
+        # coordinator keeps in flight), plus one arriving: more would only queue downstream.
+        if self._window is None:
+            r = self.runner
+            self._window = OriginWindow(r.num_stages - r.stage_index + 1)
+        return self._window
+
     @property
     def _stream_share_bytes(self) -> int:
         return self._share_bytes or STREAM_SHARE_MICROBATCHES * self.runner.max_payload_bytes()
@@ -117,6 +136,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         """Reads the stream to its end; returns why it must be refused, if it must."""
         tasks: set[asyncio.Task] = set()
         stream = object()  # this stream's turn at the compute thread
+        stamps: OrderedDict[int, int] = OrderedDict()  # origin received → our stamp for it
         violation = None
         try:
             async for frame in request_iterator:
@@ -129,8 +149,16 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                     self._reply_error(replies, error.microbatch_id or 0, error.to_service_error())
                     continue
                 if microbatch is not None:
-                    task = asyncio.create_task(self._handle(microbatch, assembler, replies,
-                                                            stream))
+                    # Stage 0 is where microbatches enter: what they claim is ignored.
+                    received = 0 if self.runner.stage_index == 0 else microbatch.first_frame.origin
+                    if received in stamps:
+                        stamps.move_to_end(received)
+                    else:
+                        stamps[received] = next(self._origins)
+                        if len(stamps) > STAMPS_PER_STREAM:
+                            stamps.popitem(last=False)
+                    task = asyncio.create_task(self._handle(
+                        microbatch, assembler, replies, stream, stamps[received]))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             else:
@@ -159,13 +187,14 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                                                  f"{self.idle_timeout:g} s; its buffer was freed"))
 
     async def _handle(self, microbatch: Microbatch, assembler: FrameAssembler,
-                      replies: asyncio.Queue, stream: object) -> None:
+                      replies: asyncio.Queue, stream: object, origin: int) -> None:
         started = time.perf_counter()
         request_ids = list(microbatch.first_frame.request_ids)
         WIRE_BYTES.labels("rx", "upstream").inc(microbatch.first_frame.payload_bytes)
         metrics.IN_FLIGHT.inc()
         try:
-            frames = await self._answer(microbatch, request_ids, stream, assembler)
+            async with self._origin_window().hold(origin):
+                frames = await self._answer(microbatch, request_ids, stream, origin, assembler)
             outcome = "ok"
         except ServiceError as error:
             frames, outcome = [self._error_frame(microbatch.id, error)], error.code.value
@@ -180,7 +209,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             replies.put_nowait(frame)
 
     async def _answer(self, microbatch: Microbatch, request_ids: list[str],
-                      stream: object, assembler: FrameAssembler) -> list[Any]:
+                      stream: object, origin: int, assembler: FrameAssembler) -> list[Any]:
         """Validate, compute, forward: the frames of the reply (ServiceError on failure)."""
         try:
             inputs = self.runner.validate(microbatch.tensors)
@@ -191,7 +220,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 raise ServiceError(StatusCode.INVALID_ARGUMENT,
                                  f"{self.name}: {name}: activations hold NaN or infinity")
         try:
-            async with self.gate.turn(stream):
+            async with self.gate.turn(stream, origin):
                 outputs, seconds = await self.runner.submit(inputs)
         except Exception as error:  # a bug or a device failure: report, keep serving
             log_event("compute_failed", level=logging.ERROR, error=repr(error))
@@ -202,7 +231,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         assembler.release_bytes(microbatch.id)
         compute_seconds = [seconds]
         if self.next_hop is not None:
-            reply, later = await self.next_hop.call(outputs, request_ids)
+            reply, later = await self.next_hop.call(outputs, request_ids, origin)
             outputs, compute_seconds = list(reply.items()), [seconds, *later]
         frames = encode_frames(stage_pb2.ForwardResponse, microbatch.id, outputs,
                                compute_seconds=compute_seconds)

@@ -204,6 +204,11 @@ const HANDLERS = {
       (a.queue_position ? ` (${a.queue_position} ahead in the queue)` : "");
   },
   progress(p) {
+    if (p.waiting_on) {  // a notice: the request is stalled on a peer, not a step
+      $("status").textContent =
+        `waiting on the ${p.waiting_on} for ${p.waiting_seconds.toFixed(0)} s: ${p.waiting_reason}`;
+      return;
+    }
     $("progress").max = p.total_steps;
     $("progress").value = p.step;
     $("status").textContent =

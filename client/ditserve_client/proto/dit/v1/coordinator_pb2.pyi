@@ -40,7 +40,7 @@ PREVIEW_MODE_APPROXIMATE: PreviewMode
 PREVIEW_MODE_DECODED: PreviewMode
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("class_labels", "seed", "num_steps", "sampler", "guidance_scale", "guidance_channels", "preview_mode", "preview_every", "image_format", "image_quality", "skip_images", "return_latents", "request_id")
+    __slots__ = ("class_labels", "seed", "num_steps", "sampler", "guidance_scale", "guidance_channels", "preview_mode", "preview_every", "image_format", "image_quality", "skip_images", "return_latents", "request_id", "resumed")
     CLASS_LABELS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class GenerateRequest(_message.Message):
     SKIP_IMAGES_FIELD_NUMBER: _ClassVar[int]
     RETURN_LATENTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     class_labels: _containers.RepeatedScalarFieldContainer[int]
     seed: int
     num_steps: int
@@ -67,7 +68,8 @@ class GenerateRequest(_message.Message):
     skip_images: bool
     return_latents: bool
     request_id: str
-    def __init__(self, class_labels: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., guidance_scale: _Optional[float] = ..., guidance_channels: _Optional[_Union[GuidanceChannels, str]] = ..., preview_mode: _Optional[_Union[PreviewMode, str]] = ..., preview_every: _Optional[int] = ..., image_format: _Optional[_Union[_image_pb2.ImageFormat, str]] = ..., image_quality: _Optional[int] = ..., skip_images: _Optional[bool] = ..., return_latents: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    resumed: bool
+    def __init__(self, class_labels: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., guidance_scale: _Optional[float] = ..., guidance_channels: _Optional[_Union[GuidanceChannels, str]] = ..., preview_mode: _Optional[_Union[PreviewMode, str]] = ..., preview_every: _Optional[int] = ..., image_format: _Optional[_Union[_image_pb2.ImageFormat, str]] = ..., image_quality: _Optional[int] = ..., skip_images: _Optional[bool] = ..., return_latents: _Optional[bool] = ..., request_id: _Optional[str] = ..., resumed: _Optional[bool] = ...) -> None: ...
 
 class Accepted(_message.Message):
     __slots__ = ("request_id", "queue_position", "seed", "num_steps", "sampler", "guidance_scale")
@@ -86,20 +88,26 @@ class Accepted(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., guidance_scale: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds", "eta_seconds", "previews")
+    __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds", "eta_seconds", "previews", "waiting_on", "waiting_reason", "waiting_seconds")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_ON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     timestep: int
     elapsed_seconds: float
     eta_seconds: float
     previews: _containers.RepeatedCompositeFieldContainer[_image_pb2.Image]
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_image_pb2.Image, _Mapping]]] = ...) -> None: ...
+    waiting_on: str
+    waiting_reason: str
+    waiting_seconds: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_image_pb2.Image, _Mapping]]] = ..., waiting_on: _Optional[str] = ..., waiting_reason: _Optional[str] = ..., waiting_seconds: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("images", "latents", "queued_seconds", "denoising_seconds", "decoding_seconds", "seed")

@@ -9,20 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "request_ids", "payload_bytes")
+    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "request_ids", "payload_bytes", "origin")
     MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     microbatch_id: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     offset: int
     chunk: bytes
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     payload_bytes: int
-    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    origin: int
+    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., payload_bytes: _Optional[int] = ..., origin: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "error", "compute_seconds", "payload_bytes")
