@@ -303,12 +303,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             rows = sum(r.spec.rows for r in microbatch.requests)
             assert len(microbatch.t) == rows == len(microbatch.y) == len(microbatch.x)
             assert rows <= MAX_ROWS or len(microbatch.requests) == 1
-            assert not seen & {id(r) for r in microbatch.requests}  # no request twice
-            seen |= {id(r) for r in microbatch.requests}
-            if microbatch.step is not None:  # an async call: its request alone
-                (request,) = microbatch.requests
+            if microbatch.step is not None:  # an async call: its request alone, maybe
+                (request,) = microbatch.requests  # in several calls (one per step)
                 assert request.pipeline and request.step <= microbatch.step < request.spec.num_steps
                 continue
+            assert not seen & {id(r) for r in microbatch.requests}  # no request twice
+            seen |= {id(r) for r in microbatch.requests}
             for request, start in zip(microbatch.requests, microbatch.offsets, strict=True):
                 assert request.status is RequestStatus.RUNNING and request.pipeline is None
                 t = request.sampler.model_timestep(request.step)
