@@ -10,13 +10,14 @@ import pytest
 from ditserve.common.status import UserError
 from ditserve.config import (
     ConfigError,
+    GenerationMode,
     GuidanceChannels,
     PreviewMode,
     SamplerName,
     WireDtype,
     config_from_dict,
 )
-from ditserve.coordinator.protocol import CHANNELS, PREVIEWS, SAMPLER_NAMES
+from ditserve.coordinator.protocol import CHANNELS, MODES, PREVIEWS, SAMPLER_NAMES
 from ditserve.sampling import SAMPLERS
 from ditserve.sampling.guidance import GUIDANCE_CHANNELS
 from ditserve.wire import WIRE_DTYPE_NAMES
@@ -29,6 +30,7 @@ def test_literal_aliases_name_exactly_what_exists():
     assert set(get_args(WireDtype)) == set(WIRE_DTYPE_NAMES)
     assert set(get_args(PreviewMode)) == set(PREVIEWS.values())
     assert set(get_args(GuidanceChannels)) == set(CHANNELS.values()) == set(GUIDANCE_CHANNELS)
+    assert set(get_args(GenerationMode)) == set(MODES.values())
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -39,6 +41,8 @@ def test_literal_aliases_name_exactly_what_exists():
      "coordinator.max_queued_requests must be an integer, got '64'"),
     ({"coordinator": {"max_receive_bytes": True}}, "coordinator.max_receive_bytes must be an integer"),
     ({"model": {"name": 3}}, "model.name must be a string or null, got 3"),
+    ({"coordinator": {"default_async_warmup_steps": -1}},
+     "coordinator.default_async_warmup_steps must be >= 0, got -1"),
     ({"stages": [{"address": "h:1", "device": None}]}, "stages[0].device must be a string"),
 ])
 def test_a_value_of_the_wrong_type_is_a_config_error_naming_the_key(section, message):

@@ -87,6 +87,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-channels", default=None, choices=["first3", "all"],
                         help="latent channels guidance applies to (default: the server's, "
                         "first3 as the reference)")
+    parser.add_argument("--mode", default=None, choices=["exact", "async"],
+                        help="exact (default), or async: every stage works on this request "
+                        "at once, each on activations one step stale (lower latency, "
+                        "approximate)")
+    parser.add_argument("--warmup", type=int, default=None, metavar="W",
+                        help="with --mode async: exact steps before pipelining starts "
+                        "(default: the server's)")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="the image, or a captioned grid of several; .png, .jpg, .jpeg or "
                         ".webp (default out.png)")
@@ -167,11 +174,14 @@ def run_generate(args: argparse.Namespace) -> int:
             previews=args.previews if args.preview_dir else None,
             preview_every=args.preview_every, image_format=image_format,
             quality=args.quality, return_latents=bool(args.latents_out),
-            skip_images=args.no_images, request_id=args.request_id)
+            skip_images=args.no_images, request_id=args.request_id, mode=args.mode,
+            warmup=args.warmup)
         for event in events:
             if isinstance(event, Accepted):
+                mode = (f", async after {event.async_warmup_steps} exact steps"
+                        if event.mode == "async" else "")
                 bar.message(f"request {event.request_id}: seed {event.seed}, {event.sampler} "
-                            f"{event.num_steps} steps, guidance {event.guidance_scale:g}")
+                            f"{event.num_steps} steps, guidance {event.guidance_scale:g}{mode}")
             elif isinstance(event, Progress) and event.waiting_on:
                 bar.message(f"waiting on the {event.waiting_on} for "
                             f"{event.waiting_seconds:.0f} s: {event.waiting_reason}")
@@ -273,6 +283,9 @@ def format_info(info: ModelInfo, first_names: int = 5) -> str:
         f"classes   {count}: {names}{more}",
         f"samplers  {samplers}; default guidance {info.default_guidance_scale:g}",
         f"decoder   {'yes' if info.has_decoder else 'no (latents only)'}",
+        f"modes     {', '.join(info.modes) or 'exact'}"
+        + (f"; async warm-up {info.default_async_warmup_steps} steps by default"
+           if "async" in info.modes else ""),
         f"stages    {len(info.stages)}",
     ]
     for s in info.stages:

@@ -19,6 +19,9 @@ FORMAT_NAMES = {image_pb2.IMAGE_FORMAT_PNG: "png", image_pb2.IMAGE_FORMAT_JPEG: 
 SAMPLER_NAMES = {coordinator_pb2.SAMPLER_DDPM: "ddpm", coordinator_pb2.SAMPLER_DDIM: "ddim",
                  coordinator_pb2.SAMPLER_DPM_SOLVER_PP: "dpm-solver++",
                  coordinator_pb2.SAMPLER_UNSPECIFIED: "default"}
+MODE_NAMES = {coordinator_pb2.GENERATION_MODE_EXACT: "exact",
+              coordinator_pb2.GENERATION_MODE_ASYNC: "async",
+              coordinator_pb2.GENERATION_MODE_UNSPECIFIED: "exact"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 ELEMENT_SIZES = {"FP32": 4, "FP16": 2, "BF16": 2, "FP64": 8, "INT64": 8, "INT32": 4,
                  "UINT8": 1}
@@ -94,13 +97,19 @@ class Accepted:
     num_steps: int
     sampler: str
     guidance_scale: float
+    mode: str = "exact"
+    """The mode that runs: "exact" or "async"."""
+    async_warmup_steps: int = 0
+    """Async mode: the exact steps before pipelining; 0 in exact mode."""
 
     @classmethod
     def from_proto(cls, msg: coordinator_pb2.Accepted) -> Accepted:
         return cls(request_id=msg.request_id, queue_position=msg.queue_position,
                    seed=msg.seed, num_steps=msg.num_steps,
                    sampler=SAMPLER_NAMES.get(msg.sampler, "unknown"),
-                   guidance_scale=msg.guidance_scale)
+                   guidance_scale=msg.guidance_scale,
+                   mode=MODE_NAMES.get(msg.mode, "unknown"),
+                   async_warmup_steps=msg.async_warmup_steps)
 
 
 @dataclass(frozen=True)

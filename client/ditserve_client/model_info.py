@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .events import SAMPLER_NAMES
+from .events import MODE_NAMES, SAMPLER_NAMES
 from .labels import ClassNames
 from .proto.dit.v1 import coordinator_pb2, stage_pb2
 
@@ -47,6 +47,10 @@ class ModelInfo:
     stages: list[StageSummary]
     has_decoder: bool
     config: dict[str, Any] = field(default_factory=dict)
+    modes: list[str] = field(default_factory=list)
+    """Generation modes offered: "exact", "async" (empty from an older server)."""
+    default_async_warmup_steps: int = 0
+    """Exact warm-up steps of an async request that gives none."""
 
     @classmethod
     def from_proto(cls, msg: coordinator_pb2.GetModelInfoResponse) -> ModelInfo:
@@ -63,4 +67,6 @@ class ModelInfo:
                              for s, n in zip(msg.samplers, steps, strict=True)},
                    default_guidance_scale=msg.default_guidance_scale,
                    stages=[StageSummary.from_proto(s) for s in msg.stages],
-                   has_decoder=msg.has_decoder, config=config)
+                   has_decoder=msg.has_decoder, config=config,
+                   modes=[MODE_NAMES.get(m, str(m)) for m in msg.modes],
+                   default_async_warmup_steps=msg.default_async_warmup_steps)

@@ -25,6 +25,9 @@ GUIDANCE_CHANNELS = {None: coordinator_pb2.GUIDANCE_CHANNELS_UNSPECIFIED,
 PREVIEWS = {None: coordinator_pb2.PREVIEW_MODE_UNSPECIFIED,
             "approximate": coordinator_pb2.PREVIEW_MODE_APPROXIMATE,
             "decoded": coordinator_pb2.PREVIEW_MODE_DECODED}
+MODES = {None: coordinator_pb2.GENERATION_MODE_UNSPECIFIED,
+         "exact": coordinator_pb2.GENERATION_MODE_EXACT,
+         "async": coordinator_pb2.GENERATION_MODE_ASYNC}
 IMAGE_FORMATS = {None: image_pb2.IMAGE_FORMAT_UNSPECIFIED, "png": image_pb2.IMAGE_FORMAT_PNG,
                  "jpeg": image_pb2.IMAGE_FORMAT_JPEG, "jpg": image_pb2.IMAGE_FORMAT_JPEG,
                  "webp": image_pb2.IMAGE_FORMAT_WEBP}
@@ -71,6 +74,11 @@ class GenerateOptions:
     """Return no images (with return_latents)."""
     request_id: str = ""
     """Caller's id for the server's logs; empty: the server makes one."""
+    mode: str | None = None
+    """"exact" or "async" (all stages work on this request at once, each on activations
+    one step stale); None: the server's default (exact)."""
+    warmup: int | None = None
+    """Async mode: exact steps before pipelining starts (0..steps); None: the server's."""
 
     @classmethod
     def from_keywords(cls, options: dict[str, Any]) -> GenerateOptions:
@@ -97,6 +105,11 @@ class GenerateOptions:
             raise ValueError(f"preview_every must be at least 1, got {self.preview_every}")
         if self.quality is not None and not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be 1..100, got {self.quality}")
+        if self.warmup is not None:
+            if (self.mode or "").lower() != "async":
+                raise ValueError("warmup is for async mode only (mode='async')")
+            if not 0 <= self.warmup <= (self.steps or self.warmup):
+                raise ValueError(f"warmup must be 0..steps, got {self.warmup}")
 
     def to_proto(self, class_ids: Sequence[int]) -> coordinator_pb2.GenerateRequest:
         """The wire request; ValueError names the first bad option."""
@@ -112,11 +125,14 @@ class GenerateOptions:
             preview_every=self.preview_every or 0,
             image_format=_choice("image format", self.image_format, IMAGE_FORMATS),
             image_quality=self.quality or 0, skip_images=self.skip_images,
-            return_latents=self.return_latents, request_id=self.request_id)
+            return_latents=self.return_latents, request_id=self.request_id,
+            mode=_choice("mode", self.mode, MODES))
         if self.seed is not None:
             request.seed = self.seed
         if self.guidance is not None:
             request.guidance_scale = self.guidance
+        if self.warmup is not None:
+            request.async_warmup_steps = self.warmup
         return request
 
 

@@ -38,7 +38,7 @@ import grpc
 from .errors import DitserveError, has_status_details, retry_info_delay
 from .events import Accepted, Event, Progress
 from .proto.dit.v1 import coordinator_pb2
-from .request import SAMPLERS, EventReader
+from .request import MODES, SAMPLERS, EventReader
 
 log = logging.getLogger("ditserve_client")
 
@@ -118,6 +118,10 @@ class Resumption:
         pinned.num_steps, pinned.guidance_scale = accepted.num_steps, accepted.guidance_scale
         if accepted.sampler in SAMPLERS:
             pinned.sampler = SAMPLERS[accepted.sampler]
+        if accepted.mode in MODES:  # async results depend on the warm-up: pin it too
+            pinned.mode = MODES[accepted.mode]
+            if accepted.mode == "async":
+                pinned.async_warmup_steps = accepted.async_warmup_steps
         self.request = pinned
 
     def retry_delay(self, error: grpc.RpcError, target: str) -> float | None:

@@ -26,6 +26,9 @@ GuidanceChannels = Literal["first3", "all"]
 """The eps channels guidance applies to: the reference's first 3, or all."""
 PreviewMode = Literal["none", "approximate", "decoded"]
 """Previews during denoising: none, the linear latent→RGB map, or the VAE."""
+GenerationMode = Literal["exact", "async"]
+"""How a request uses the chain: exact steps, or AsyncDiff-style pipelining
+(docs/ARCHITECTURE.md §4, "Modes")."""
 
 WIRE_DTYPES: tuple[WireDtype, ...] = get_args(WireDtype)
 
@@ -110,6 +113,10 @@ class CoordinatorConfig:
     """How often the coordinator describes the chain on its own (DescribeChain) to keep
     each stage's `serving` in GetModelInfo and `dit_coordinator_stage_serving` current
     when nobody asks; 0 turns it off."""
+    default_async_warmup_steps: int = 5
+    """Exact steps an async request runs before pipelining starts, when it gives none
+    (capped at its step count). 5 keeps the demo model's judge accuracy at exact's level
+    (BENCHMARKS.md, "Latency of one request")."""
 
     def listen_address(self) -> str:
         return self.listen or f"[::]:{self.address.rsplit(':', 1)[-1]}"
@@ -228,6 +235,9 @@ class PipelineConfig:
         if coordinator.max_receive_bytes < 1024:
             raise ConfigError(f"coordinator.max_receive_bytes must be at least 1024, got "
                               f"{coordinator.max_receive_bytes}")
+        if coordinator.default_async_warmup_steps < 0:
+            raise ConfigError(f"coordinator.default_async_warmup_steps must be >= 0, got "
+                              f"{coordinator.default_async_warmup_steps}")
         if self.coordinator.max_rows_per_microbatch > self.max_batch_size:
             raise ConfigError(f"coordinator.max_rows_per_microbatch "
                               f"({self.coordinator.max_rows_per_microbatch}) exceeds the stages' "

@@ -114,7 +114,11 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
         yield coordinator_pb2.GenerateResponse(accepted=coordinator_pb2.Accepted(
             request_id=request.request_id or "req-1", queue_position=0,
             seed=request.seed if request.HasField("seed") else 42, num_steps=steps,
-            sampler=request.sampler or coordinator_pb2.SAMPLER_DDPM, guidance_scale=4.0))
+            sampler=request.sampler or coordinator_pb2.SAMPLER_DDPM, guidance_scale=4.0,
+            mode=request.mode or coordinator_pb2.GENERATION_MODE_EXACT,
+            async_warmup_steps=(request.async_warmup_steps
+                                if request.HasField("async_warmup_steps") else 2)
+            if request.mode == coordinator_pb2.GENERATION_MODE_ASYNC else 0))
         if b.fail_after_accepted:
             context.abort_with_status(error_status(code_pb2.UNAVAILABLE, "stage 1 died"))
         for step in range(1, steps + 1):

@@ -305,3 +305,24 @@ def test_a_waiting_notice_is_an_event_of_its_own(client, fake):
     assert steps == [1, 2, 3, 4] and len(notices) == 1  # shown, though its step repeats
     assert notices[0].step == 2 and notices[0].waiting_seconds == 5.5
     assert "unavailable" in notices[0].waiting_reason
+
+
+def test_async_mode_is_sent_and_accepted_reports_it(client, fake):
+    events = list(client.generate([1], seed=7, steps=3, mode="async", warmup=1))
+    request = fake.requests[0]
+    assert request.mode == coordinator_pb2.GENERATION_MODE_ASYNC
+    assert request.async_warmup_steps == 1
+    assert (events[0].mode, events[0].async_warmup_steps) == ("async", 1)
+    exact = list(client.generate([1], seed=7))
+    assert not fake.requests[1].HasField("async_warmup_steps")
+    assert (exact[0].mode, exact[0].async_warmup_steps) == ("exact", 0)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"mode": "fast"}, "unknown mode 'fast'"),
+    ({"warmup": 2}, "warmup is for async mode only"),
+    ({"mode": "async", "steps": 4, "warmup": 5}, "warmup must be 0..steps")])
+def test_bad_modes_fail_before_sending(client, fake, options, words):
+    with pytest.raises(ValueError, match=words):
+        list(client.generate([1], **options))
+    assert fake.generate_calls == 0

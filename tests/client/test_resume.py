@@ -215,3 +215,14 @@ def test_new_progress_restarts_the_window_and_the_backoff():
     assert isinstance(event, Progress) and not resumption.resuming
     assert resumption.retry_delay(broken, "t") == 0.5
     assert isinstance(resumption.accepted, Accepted) and resumption.request.seed == 3
+
+
+def test_a_resumed_async_request_keeps_its_mode_and_warmup(coordinator, fake):
+    fake.configure(breaks=1, break_after=2)
+    with Client(coordinator.address, timeout=30) as client:
+        events = list(client.generate([1], mode="async"))
+    assert _shape(events) == ["Accepted", 1, 2, 3, 4, "Result"]
+    first, again = fake.requests
+    assert not first.HasField("async_warmup_steps")
+    assert again.mode == coordinator_pb2.GENERATION_MODE_ASYNC
+    assert again.async_warmup_steps == 2  # the warm-up the server chose, pinned

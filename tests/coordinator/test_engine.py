@@ -392,3 +392,91 @@ def test_approximate_previews_every_k_steps(model):
     assert [len(p.previews) for p in outcome.progress] == [0, 0, 2, 0, 0, 2]
     assert outcome.progress[2].previews[0].width == 64  # 8x8 latents, VAE factor 8
     assert outcome.progress[-1].eta_seconds == 0.0
+
+
+# -- async mode ---------------------------------------------------------------------------
+
+
+def _async(labels, seed, warmup=0, **fields):
+    return spec(labels, seed=seed, mode="async", async_warmup_steps=warmup, **fields)
+
+
+def test_async_is_deterministic_alone_and_beside_exact_and_async_requests(model):
+    """An async request rides alone in its calls and uses each output for the step it was
+    sent for, so nothing else served changes its latents, not even rounding."""
+    target = _async([1, 7], seed=42, warmup=1, sampler="ddpm", steps=8)
+    others = [spec([i], seed=100 + i, steps=5 + i) for i in range(3)] + [
+        _async([i], seed=200 + i, warmup=i, steps=6) for i in range(3)]
+
+    async def alone():
+        engine, _ = make_engine(model, delay=0.002)
+        return await collect(engine, target)
+
+    async def beside():
+        engine, _ = make_engine(model, delay=0.002, max_rows_per_microbatch=32)
+        outcomes = await asyncio.gather(*[collect(engine, s, delay=0.003 * i)
+                                          for i, s in enumerate(others)],
+                                        collect(engine, target, delay=0.005))
+        return outcomes
+
+    single = run(alone())
+    outcomes = run(beside())
+    assert single.error is None and all(o.error is None for o in outcomes)
+    assert torch.equal(outcomes[-1].result.latents, single.result.latents)
+    assert [p.step for p in single.progress] == list(range(1, 9))
+
+
+def test_exact_requests_beside_async_ones_are_unchanged(model):
+    exact = spec([3], seed=5, steps=6)
+
+    async def main(with_async: bool):
+        engine, _ = make_engine(model, max_rows_per_microbatch=2)  # each request alone
+        extra = [collect(engine, _async([4], seed=6, steps=6))] if with_async else []
+        return (await asyncio.gather(collect(engine, exact), *extra))[0]
+
+    alone, beside = run(main(False)), run(main(True))
+    assert torch.equal(beside.result.latents, alone.result.latents)
+
+
+def test_async_runs_stale_steps_and_stays_near_exact(model):
+    """Over 2 stages each step uses the output of the latents one step before: not the
+    exact latents, but close to them; with warm-up covering every step, exact."""
+    async def main(**fields):
+        engine, _ = make_engine(model)  # 2 stages: calls for 2 steps in flight
+        return (await collect(engine, spec([2, 5], seed=3, steps=10, **fields))).result.latents
+
+    exact = run(main())
+    stale = run(main(mode="async", async_warmup_steps=2))
+    all_warmup = run(main(mode="async", async_warmup_steps=10))
+    assert torch.equal(all_warmup, exact)
+    distance = ((stale - exact).abs().max() / exact.abs().max()).item()
+    assert 0 < distance < 0.5
+
+
+def test_async_calls_survive_retries_with_the_same_latents(model):
+    async def main(failures: int):
+        engine, chain = make_engine(model)
+        chain.fail_next(failures)
+        return await collect(engine, _async([4], seed=9, steps=6))
+
+    reference, retried = run(main(0)), run(main(3))
+    assert retried.error is None
+    assert torch.equal(retried.result.latents, reference.result.latents)
+
+
+def test_a_cancelled_async_request_stops_with_calls_in_flight(model):
+    async def main():
+        engine, _ = make_engine(model, delay=0.05)
+        handle = engine.submit(_async([1], seed=1, steps=50))
+        seen = 0
+        with pytest.raises(ServiceError) as stopped:
+            async for _ in handle.events():
+                seen += 1
+                if seen == 3:
+                    handle.cancel()
+        await asyncio.sleep(0.2)  # the calls still in flight come back and are ignored
+        return stopped.value, handle, engine
+
+    error, handle, engine = run(main())
+    assert error.code is StatusCode.CANCELLED
+    assert handle.steps_used < 10 and engine.scheduler.num_admitted == 0

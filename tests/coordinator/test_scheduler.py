@@ -26,17 +26,19 @@ MODEL = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, dep
 """Only the shapes matter: the scheduler never runs the model."""
 
 
-def _scheduler(max_rows: int = 4, slots: int = 2, queue: int = 8) -> Scheduler:
+def _scheduler(max_rows: int = 4, slots: int = 2, queue: int = 8, stages: int = 1) -> Scheduler:
     config = CoordinatorConfig(max_rows_per_microbatch=max_rows, max_queued_requests=queue)
-    return Scheduler(MODEL, config, slots, make_sampler)
+    return Scheduler(MODEL, config, slots, make_sampler, stages=stages)
 
 
 def _spec(name: str, images: int = 1, steps: int = 3, guided: bool = True,
-          deadline: float | None = None) -> GenerationSpec:
+          deadline: float | None = None, warmup: int | None = None) -> GenerationSpec:
+    """An exact request, or an async one with `warmup` exact steps."""
     return GenerationSpec(request_id=name, labels=tuple(range(images)), seed=len(name),
                           sampler="ddim", num_steps=steps,
                           guidance_scale=4.0 if guided else 1.0, deadline=deadline,
-                          skip_images=True)
+                          skip_images=True, mode="exact" if warmup is None else "async",
+                          async_warmup_steps=warmup or 0)
 
 
 def _output(microbatch: Microbatch) -> torch.Tensor:
@@ -153,6 +155,111 @@ def test_fail_ends_every_request_of_the_microbatch_and_frees_its_rows():
     assert all(r.error is error for r in requests) and scheduler.num_admitted == 0
 
 
+# -- async mode ---------------------------------------------------------------------------
+
+
+def _calls(planned) -> list[tuple[int, int]]:
+    """(step the output is for, model timestep carried) of each planned microbatch."""
+    return [(mb.step, int(mb.t[0])) for mb in planned.microbatches]
+
+
+def _answer(scheduler: Scheduler, microbatch: Microbatch, now: float = 0.0):
+    return scheduler.update(microbatch, _output(microbatch), now)
+
+
+def test_async_warms_up_exact_then_keeps_one_call_per_stage_in_flight():
+    scheduler = _scheduler(max_rows=4, slots=3, stages=3)
+    request = scheduler.add(_spec("a", steps=8, warmup=2), 0.0)
+    t = request.sampler.model_timestep
+    for step in (0, 1):  # warm-up: one exact call at a time, for its own step
+        planned = scheduler.schedule(3, 0.0)
+        assert _calls(planned) == [(step, t(step))]
+        _answer(scheduler, planned.microbatches[0])
+    # Step 2 = W: the latents x_2 go out for steps 2, 3 and 4, all at x_2's timestep.
+    planned = scheduler.schedule(3, 0.0)
+    assert _calls(planned) == [(2, t(2)), (3, t(2)), (4, t(2))]
+    x2 = request.x
+    for microbatch in planned.microbatches:
+        torch.testing.assert_close(microbatch.x[:1], x2, rtol=0, atol=0)
+        assert microbatch.requests == [request]
+    assert scheduler.schedule(3, 0.0).microbatches == []  # nothing more until one returns
+    first, *rest = planned.microbatches
+    _answer(scheduler, first)  # step 2 taken with x_2's output; x_3 goes out for step 5
+    assert request.step == 3 and request.pipeline.in_flight == 2
+    (fifth,) = scheduler.schedule(3, 0.0).microbatches
+    assert (fifth.step, int(fifth.t[0])) == (5, t(3))
+    for microbatch in [*rest, fifth]:
+        _answer(scheduler, microbatch)
+    assert request.step == 6
+    # Steps 6 and 7 were sent with x_4 and x_5; nothing is sent past the last step.
+    calls = scheduler.schedule(3, 0.0).microbatches
+    assert [(mb.step, int(mb.t[0])) for mb in calls] == [(6, t(4)), (7, t(5))]
+    for microbatch in calls:
+        _answer(scheduler, microbatch)
+    assert request.status is RequestStatus.DECODING and request.steps_used == 8
+    assert request.pipeline.in_flight == 0 and not scheduler.pipelined
+
+
+def test_async_outputs_are_used_by_their_step_not_by_arrival():
+    scheduler = _scheduler(slots=2, stages=2)
+    request = scheduler.add(_spec("a", steps=4, warmup=0), 0.0)
+    first, second = scheduler.schedule(2, 0.0).microbatches
+    assert (first.step, second.step) == (0, 1)
+    early = _answer(scheduler, second)  # step 1's output before step 0's: it waits
+    assert not early.stepped and request.step == 0 and list(request.pipeline.arrived) == [1]
+    late = _answer(scheduler, first)
+    assert [s.timestep for s in late.stepped] == [request.sampler.model_timestep(i)
+                                                  for i in (0, 1)]
+    assert request.step == 2 and not request.pipeline.arrived
+
+
+def test_async_over_one_stage_plans_exactly_the_exact_calls():
+    exact, pipelined = _scheduler(stages=1), _scheduler(stages=1)
+    a = exact.add(_spec("a", steps=4), 0.0)
+    b = pipelined.add(_spec("a", steps=4, warmup=0), 0.0)
+    for _ in range(4):
+        (mb_a,) = exact.schedule(2, 0.0).microbatches
+        (mb_b,) = pipelined.schedule(2, 0.0).microbatches
+        assert torch.equal(mb_a.x, mb_b.x) and torch.equal(mb_a.t, mb_b.t)
+        _answer(exact, mb_a)
+        _answer(pipelined, mb_b)
+    assert torch.equal(a.x, b.x)
+
+
+def test_exact_and_async_share_the_slots_and_never_share_a_microbatch():
+    scheduler = _scheduler(max_rows=8, slots=2, stages=2)
+    exact = scheduler.add(_spec("exact", steps=4), 0.0)
+    pipelined = scheduler.add(_spec("async", steps=4, warmup=0), 0.0)
+    planned = scheduler.schedule(2, 0.0).microbatches
+    assert sorted(mb.step is None for mb in planned) == [False, True]  # one slot each
+    assert all(len(mb.requests) == 1 for mb in planned)
+    assert {r for mb in planned for r in mb.requests} == {exact, pipelined}
+    assert scheduler.active_rows == 2 + 2 * 2  # the async request holds a row pair per call
+
+
+def test_a_stopped_async_request_ends_at_once_and_late_outputs_are_ignored():
+    scheduler = _scheduler(slots=2, stages=2)
+    request = scheduler.add(_spec("a", steps=6, warmup=0), 0.0)
+    calls = scheduler.schedule(2, 0.0).microbatches
+    scheduler.stop(request, StatusCode.CANCELLED)
+    assert scheduler.schedule(2, 0.0).finished == [request]
+    assert request.error.code is StatusCode.CANCELLED and scheduler.num_admitted == 0
+    for microbatch in calls:
+        updated = _answer(scheduler, microbatch)
+        assert not updated.stepped and not updated.finished
+    assert request.step == 0 and not request.pipeline.arrived
+
+
+def test_a_failed_async_call_fails_its_request_only_once():
+    scheduler = _scheduler(slots=2, stages=2)
+    request = scheduler.add(_spec("a", steps=6, warmup=0), 0.0)
+    first, second = scheduler.schedule(2, 0.0).microbatches
+    error = ServiceError(StatusCode.UNAVAILABLE, "chain down")
+    assert scheduler.fail(first, error).finished == [request]
+    assert scheduler.fail(second, error).finished == [] and request.error is error
+    assert not _answer(scheduler, second).stepped
+
+
 # -- properties under random traffic -----------------------------------------------------
 
 SLOTS, MAX_ROWS, QUEUE = 2, 4, 6
@@ -164,7 +271,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         config = CoordinatorConfig(max_rows_per_microbatch=MAX_ROWS, max_queued_requests=QUEUE)
-        self.scheduler = Scheduler(MODEL, config, SLOTS, make_sampler)
+        self.scheduler = Scheduler(MODEL, config, SLOTS, make_sampler, stages=SLOTS)
         self.now = 0.0
         self.admitted: list[Request] = []
         self.on_chain: list[Microbatch] = []
@@ -174,10 +281,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         return [r for r in self.admitted if r.status is not RequestStatus.FINISHED]
 
     @rule(images=st.integers(1, 2), guided=st.booleans(), steps=st.integers(1, 4),
-          deadline=st.none() | st.floats(0.5, 20.0))
-    def arrive(self, images, guided, steps, deadline):
+          deadline=st.none() | st.floats(0.5, 20.0), warmup=st.none() | st.integers(0, 4))
+    def arrive(self, images, guided, steps, deadline, warmup):
         spec = _spec(f"r{len(self.admitted)}", images, steps, guided,
-                     None if deadline is None else self.now + deadline)
+                     None if deadline is None else self.now + deadline,
+                     None if warmup is None else min(warmup, steps))
         before = self.scheduler.num_admitted
         try:
             self.admitted.append(self.scheduler.add(spec, self.now))
@@ -195,16 +303,21 @@ class SchedulerMachine(RuleBasedStateMachine):
             rows = sum(r.spec.rows for r in microbatch.requests)
             assert len(microbatch.t) == rows == len(microbatch.y) == len(microbatch.x)
             assert rows <= MAX_ROWS or len(microbatch.requests) == 1
+            if microbatch.step is not None:  # an async call: its request alone, maybe
+                (request,) = microbatch.requests  # in several calls (one per step)
+                assert request.pipeline and request.step <= microbatch.step < request.spec.num_steps
+                continue
             assert not seen & {id(r) for r in microbatch.requests}  # no request twice
             seen |= {id(r) for r in microbatch.requests}
             for request, start in zip(microbatch.requests, microbatch.offsets, strict=True):
-                assert request.status is RequestStatus.RUNNING
+                assert request.status is RequestStatus.RUNNING and request.pipeline is None
                 t = request.sampler.model_timestep(request.step)
                 assert microbatch.t[start:start + request.spec.rows].eq(t).all()
         # A request asked to stop (or past its deadline) never outlives a step boundary.
         planned_requests = [r for mb in planned.microbatches for r in mb.requests]
         s = self.scheduler
-        assert not any(r.stop_error(self.now) for r in (*s.waiting, *s.ready, *planned_requests))
+        assert not any(r.stop_error(self.now) for r in (*s.waiting, *s.ready, *s.pipelined,
+                                                         *planned_requests))
         self.on_chain += planned.microbatches
         newly = [r for r in self.admitted if r.started_at is not None and r not in self.started]
         self.started += newly
@@ -218,6 +331,13 @@ class SchedulerMachine(RuleBasedStateMachine):
             out[0] = float("nan")  # the first request's first row
         steps = {id(r): r.step for r in microbatch.requests}
         updated = self.scheduler.update(microbatch, out, self.now)
+        if microbatch.step is not None:  # an async call: zero or more steps, in order
+            (request,) = microbatch.requests
+            taken = [s.timestep for s in updated.stepped]
+            assert taken == [request.sampler.model_timestep(i)
+                             for i in range(steps[id(request)], request.step)][:len(taken)]
+            assert bool(torch.isfinite(request.x).all())
+            return
         stepped = [s.request for s in updated.stepped]
         assert sorted(map(id, stepped + updated.finished)) == sorted(steps)
         for request in stepped:
@@ -234,8 +354,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     def chain_fails(self, data):
         microbatch = self.on_chain.pop(data.draw(st.integers(0, len(self.on_chain) - 1)))
         error = ServiceError(StatusCode.UNAVAILABLE, "injected")
+        unfinished = [r for r in microbatch.requests if r.status is not RequestStatus.FINISHED]
         failed = self.scheduler.fail(microbatch, error).finished
-        assert failed == microbatch.requests and all(r.error is error for r in failed)
+        assert failed == unfinished and all(r.error is error for r in failed)
 
     @precondition(lambda self: self._unfinished())
     @rule(data=st.data())
@@ -258,7 +379,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def every_request_is_where_its_status_says(self):
         s = self.scheduler
         places = {RequestStatus.WAITING: list(s.waiting), RequestStatus.DECODING: list(s.decoding),
-                  RequestStatus.RUNNING: s.ready + list(s.in_flight)}
+                  RequestStatus.RUNNING: s.ready + list(s.in_flight) + s.pipelined}
         for request in self.admitted:
             homes = [status for status, members in places.items()
                      if any(m is request for m in members)]
@@ -267,7 +388,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             else:
                 assert homes == [request.status]  # exactly one set, the right one
         assert s.num_admitted == len(self._unfinished()) <= QUEUE
-        assert s.in_flight == {r for mb in self.on_chain for r in mb.requests}
+        assert s.in_flight == {r for mb in self.on_chain if mb.step is None for r in mb.requests}
+        for request in s.pipelined:  # its calls: counted, bounded, each for a step ahead
+            calls = [mb for mb in self.on_chain if mb.requests == [request]]
+            pipeline = request.pipeline
+            assert pipeline.in_flight == len(calls)
+            assert len(pipeline.queued) + pipeline.in_flight <= pipeline.depth
+            assert len(pipeline.arrived) <= pipeline.depth
+            assert all(mb.step >= request.step for mb in calls)
 
     @invariant()
     def rows_fit_the_capacity_and_steps_their_sampler(self):

@@ -68,10 +68,11 @@ def latents_of(events) -> torch.Tensor:
     return decode_tensor(tensor.datatype, tensor.shape, tensor.raw_contents).clone()
 
 
-def in_process_latents(model, labels, seed, steps, scale=4.0) -> torch.Tensor:
+def in_process_latents(model, labels, seed, steps, scale=4.0, stages=1,
+                       **fields) -> torch.Tensor:
     async def main():
-        engine = Engine(ModelChain(model), model.config, CoordinatorConfig(), num_stages=1)
-        return await collect(engine, spec(labels, seed=seed, steps=steps, scale=scale))
+        engine = Engine(ModelChain(model), model.config, CoordinatorConfig(), num_stages=stages)
+        return await collect(engine, spec(labels, seed=seed, steps=steps, scale=scale, **fields))
 
     return asyncio.run(main()).result.latents
 
@@ -97,6 +98,24 @@ def test_model_info_lists_the_chain_and_classes(stub):
     assert [(s.block_start, s.block_end, s.serving) for s in info.stages] == [
         (0, 2, True), (2, 4, True)]
     assert pb.SAMPLER_DPM_SOLVER_PP in info.samplers and not info.has_decoder
+    assert list(info.modes) == [pb.GENERATION_MODE_EXACT, pb.GENERATION_MODE_ASYNC]
+    assert info.default_async_warmup_steps == CoordinatorConfig().default_async_warmup_steps
+
+
+def test_async_mode_end_to_end_says_which_mode_runs(stub, tiny_model):
+    events = generate(stub, request([3, 4], seed=8, steps=6, mode=pb.GENERATION_MODE_ASYNC,
+                                    async_warmup_steps=1))
+    accepted = events[0].accepted
+    assert (accepted.mode, accepted.async_warmup_steps) == (pb.GENERATION_MODE_ASYNC, 1)
+    assert [e.progress.step for e in events[1:-1]] == list(range(1, 7))
+    # The 2 stages pipeline 2 calls; one process planning the same calls gives the same
+    # latents to float32 rounding.
+    expected = in_process_latents(tiny_model, [3, 4], seed=8, steps=6, stages=2,
+                                  mode="async", async_warmup_steps=1)
+    assert_scaled_close(latents_of(events), expected, sampling_bound(6, 4.0), "async, 2 stages")
+    exact = generate(stub, request([3, 4], seed=8, steps=6))
+    assert exact[0].accepted.mode == pb.GENERATION_MODE_EXACT
+    assert not torch.equal(latents_of(exact), latents_of(events))
 
 
 @pytest.mark.parametrize("fields, field", [
@@ -111,6 +130,8 @@ def test_model_info_lists_the_chain_and_classes(stub):
     ({"image_quality": 101}, "image_quality"),
     ({"guidance_channels": 7}, "guidance_channels"),
     ({"preview_mode": 9}, "preview_mode"),
+    ({"mode": 5}, "mode: unknown value 5"),
+    ({"mode": pb.GENERATION_MODE_ASYNC, "async_warmup_steps": 9}, "async_warmup_steps"),
 ])
 def test_invalid_requests_name_the_field(stub, fields, field):
     message = request([1])

@@ -30,3 +30,43 @@ def test_guidance_outside_its_bounds_is_refused_naming_them(scale):
 @pytest.mark.parametrize("scale", [1.0, 4.0, MAX_GUIDANCE_SCALE])
 def test_guidance_within_its_bounds_is_admitted(scale):
     assert _admit(scale).guidance_scale == scale
+
+
+def _admit_mode(**fields):
+    message = pb.GenerateRequest(class_labels=[1], skip_images=True, num_steps=20, **fields)
+    config = CoordinatorConfig(default_async_warmup_steps=5)
+    return spec_from_proto(message, MODEL, config, has_decoder=False)
+
+
+def test_mode_defaults_to_exact_without_warmup():
+    spec = _admit_mode()
+    assert (spec.mode, spec.async_warmup_steps) == ("exact", 0)
+
+
+@pytest.mark.parametrize("fields, warmup", [({}, 5), ({"async_warmup_steps": 0}, 0),
+                                            ({"async_warmup_steps": 20}, 20)])
+def test_async_mode_takes_its_warmup_or_the_default(fields, warmup):
+    spec = _admit_mode(mode=pb.GENERATION_MODE_ASYNC, **fields)
+    assert (spec.mode, spec.async_warmup_steps) == ("async", warmup)
+
+
+def test_the_default_warmup_is_capped_at_the_steps():
+    message = pb.GenerateRequest(class_labels=[1], skip_images=True, num_steps=3,
+                                 mode=pb.GENERATION_MODE_ASYNC)
+    spec = spec_from_proto(message, MODEL, CoordinatorConfig(default_async_warmup_steps=5),
+                           has_decoder=False)
+    assert spec.async_warmup_steps == 3
+
+
+@pytest.mark.parametrize("fields, start", [
+    ({"mode": 7}, "mode: unknown value 7; choose GENERATION_MODE_EXACT"),
+    ({"mode": pb.GENERATION_MODE_ASYNC, "async_warmup_steps": 21},
+     "async_warmup_steps: 21 is outside 0..20"),
+    ({"mode": pb.GENERATION_MODE_ASYNC, "async_warmup_steps": -1},
+     "async_warmup_steps: -1 is outside 0..20"),
+    ({"async_warmup_steps": 2}, "async_warmup_steps: only an async request")])
+def test_bad_modes_and_warmups_are_refused_naming_the_field(fields, start):
+    with pytest.raises(ServiceError) as refused:
+        _admit_mode(**fields)
+    assert refused.value.code is StatusCode.INVALID_ARGUMENT
+    assert refused.value.message.startswith(start)

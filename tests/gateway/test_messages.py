@@ -21,13 +21,13 @@ def test_a_full_body_becomes_the_sdk_options():
         "num_steps": 50, "sampler": "ddim", "guidance_scale": 4, "guidance_channels": "all",
         "preview_mode": "decoded", "preview_every": 5, "image_format": "webp",
         "image_quality": 80, "skip_images": False, "return_latents": True,
-        "request_id": "abc"})
+        "request_id": "abc", "mode": "async", "async_warmup_steps": 3})
     assert body.class_labels == (207, "golden retriever") and body.seed == 2**64 - 1
     assert body.options() == {
         "seed": 2**64 - 1, "steps": 50, "sampler": "ddim", "guidance": 4.0,
         "guidance_channels": "all", "previews": "decoded", "preview_every": 5,
         "image_format": "webp", "quality": 80, "skip_images": False, "return_latents": True,
-        "request_id": "abc"}
+        "request_id": "abc", "mode": "async", "warmup": 3}
 
 
 def test_absent_and_null_fields_leave_the_servers_defaults():
@@ -54,10 +54,10 @@ def test_bad_fields_are_refused_by_name(data, words):
 
 def test_events_become_json_with_exact_seeds_data_urls_and_base64():
     png = EncodedImage(b"\x89PNG-bytes", "png", 16, 16, 3)
-    accepted = Accepted("r1", 2, 2**63 + 1, 50, "ddim", 4.0)
+    accepted = Accepted("r1", 2, 2**63 + 1, 50, "ddim", 4.0, "async", 5)
     assert event_json(accepted) == ("accepted", {
         "request_id": "r1", "queue_position": 2, "seed": str(2**63 + 1), "num_steps": 50,
-        "sampler": "ddim", "guidance_scale": 4.0})
+        "sampler": "ddim", "guidance_scale": 4.0, "mode": "async", "async_warmup_steps": 5})
     name, progress = event_json(Progress(3, 50, 940, 0.3, 4.7, [png]))
     assert name == "progress" and progress["total_steps"] == 50
     assert progress["previews"] == ["data:image/png;base64," + base64.b64encode(png.data).decode()]

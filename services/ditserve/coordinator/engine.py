@@ -116,7 +116,8 @@ class Engine:
                  sampler_factory: SamplerFactory | None = None):
         self.chain, self.model, self.config = chain, model, config
         self.slots = config.microbatches_in_flight or num_stages
-        self.scheduler = Scheduler(model, config, self.slots, sampler_factory or make_sampler)
+        self.scheduler = Scheduler(model, config, self.slots, sampler_factory or make_sampler,
+                                   stages=num_stages)
         self.outputs = outputs or OutputMaker(None)
         self._streams: dict[Request, asyncio.Queue[StreamItem]] = {}
         self._wait_notices: dict[Request, float] = {}  # when each stalled one was told
@@ -150,7 +151,8 @@ class Engine:
             asyncio.get_running_loop().call_later(
                 max(0.0, spec.deadline - now), self._stop, request, StatusCode.DEADLINE_EXCEEDED)
         log_event("request_admitted", request_id=spec.request_id, images=spec.num_images,
-                  sampler=spec.sampler, steps=spec.num_steps, queued=position + 1)
+                  sampler=spec.sampler, steps=spec.num_steps, mode=spec.mode,
+                  queued=position + 1)
         self._wake()
         return RequestHandle(request, stream, self.cancel, notices)
 

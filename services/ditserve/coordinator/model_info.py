@@ -29,7 +29,7 @@ from ditserve.stage.client import info_from_description
 from ditserve.stage.runner import StageDescription
 
 from . import metrics
-from .protocol import SAMPLER_ENUMS
+from .protocol import MODE_ENUMS, SAMPLER_ENUMS
 
 VAE_DOWNSCALE = 8
 """Image side / latent side of the Stable Diffusion VAE."""
@@ -81,7 +81,8 @@ class ModelInfo:
             samplers=[SAMPLER_ENUMS[name] for name in samplers],
             default_steps=[SAMPLERS[name].default_steps for name in samplers],
             default_guidance_scale=self.config.default_guidance_scale, stages=stages,
-            has_decoder=self.has_decoder)
+            has_decoder=self.has_decoder, modes=list(MODE_ENUMS.values()),
+            default_async_warmup_steps=self.config.default_async_warmup_steps)
 
     async def stages(self) -> list[StageDescription]:
         """The live chain; while a stage cannot be reached, the chain as last described

@@ -11,7 +11,13 @@ import time
 from ditserve_client.proto.dit.v1 import coordinator_pb2, image_pb2, tensor_pb2
 
 from ditserve.common.status import ServiceError, StatusCode
-from ditserve.config import CoordinatorConfig, GuidanceChannels, PreviewMode, SamplerName
+from ditserve.config import (
+    CoordinatorConfig,
+    GenerationMode,
+    GuidanceChannels,
+    PreviewMode,
+    SamplerName,
+)
 from ditserve.model import DiTConfig
 from ditserve.wire import encode_tensor
 
@@ -19,6 +25,7 @@ from .request import Accepted, Event, Progress, Result
 from .spec import (
     DEFAULT_QUALITY,
     GenerationSpec,
+    check_async_warmup,
     check_guidance,
     check_labels,
     check_rows,
@@ -41,6 +48,13 @@ CHANNELS: dict[int, GuidanceChannels] = {
     coordinator_pb2.GUIDANCE_CHANNELS_UNSPECIFIED: "first3",
     coordinator_pb2.GUIDANCE_CHANNELS_FIRST_THREE: "first3",
     coordinator_pb2.GUIDANCE_CHANNELS_ALL: "all"}
+MODES: dict[int, GenerationMode] = {
+    coordinator_pb2.GENERATION_MODE_UNSPECIFIED: "exact",
+    coordinator_pb2.GENERATION_MODE_EXACT: "exact",
+    coordinator_pb2.GENERATION_MODE_ASYNC: "async"}
+MODE_ENUMS: dict[GenerationMode, int] = {
+    "exact": coordinator_pb2.GENERATION_MODE_EXACT,
+    "async": coordinator_pb2.GENERATION_MODE_ASYNC}
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -56,6 +70,13 @@ def spec_from_proto(request: coordinator_pb2.GenerateRequest, model: DiTConfig,
     scale = (request.guidance_scale if request.HasField("guidance_scale")
              else config.default_guidance_scale)
     check_guidance(scale, model)
+    if request.mode not in MODES:
+        raise invalid("mode", f"unknown value {request.mode}; choose GENERATION_MODE_EXACT "
+                      "(1) or GENERATION_MODE_ASYNC (2)")
+    mode = MODES[request.mode]
+    warmup = check_async_warmup(
+        mode, request.async_warmup_steps if request.HasField("async_warmup_steps") else None,
+        steps, config)
     spec = GenerationSpec(
         request_id=_request_id(request.request_id), labels=tuple(labels),
         seed=request.seed if request.HasField("seed") else new_seed(),
@@ -66,7 +87,8 @@ def spec_from_proto(request: coordinator_pb2.GenerateRequest, model: DiTConfig,
         image_format=_image_format(request.image_format),
         image_quality=_quality(request.image_quality), skip_images=request.skip_images,
         return_latents=request.return_latents, resumed=request.resumed,
-        deadline=None if timeout is None else time.monotonic() + timeout)
+        deadline=None if timeout is None else time.monotonic() + timeout,
+        mode=mode, async_warmup_steps=warmup)
     check_rows(spec, config)
     _check_outputs(spec, has_decoder)
     return spec
@@ -123,7 +145,8 @@ def event_to_proto(event: Event) -> coordinator_pb2.GenerateResponse:
         return coordinator_pb2.GenerateResponse(accepted=coordinator_pb2.Accepted(
             request_id=event.request_id, queue_position=event.queue_position, seed=spec.seed,
             num_steps=spec.num_steps, sampler=SAMPLER_ENUMS[spec.sampler],
-            guidance_scale=spec.guidance_scale))
+            guidance_scale=spec.guidance_scale, mode=MODE_ENUMS[spec.mode],
+            async_warmup_steps=spec.async_warmup_steps))
     if isinstance(event, Progress):
         return coordinator_pb2.GenerateResponse(progress=coordinator_pb2.Progress(
             step=event.step, total_steps=event.total_steps, timestep=event.timestep,

@@ -9,6 +9,7 @@ batched with.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,35 @@ class RequestStatus(enum.Enum):
     """Its stream has ended, with a result or with `error`."""
 
 
+@dataclass
+class Launch:
+    """One model call an async request has ready to send (scheduler.py, "Async mode")."""
+
+    step: int
+    """The step whose model output it will be: used for that step, whenever it arrives."""
+    x: torch.Tensor
+    """(n, C, L, L) float32: the latents it carries, those of step `source`."""
+    source: int
+    """The step of `x`: `step` - (depth - 1) once pipelining runs, `step` in warm-up."""
+
+
+@dataclass
+class Pipeline:
+    """An async request's pipelining state: plain data, driven by the scheduler."""
+
+    depth: int
+    """Model calls kept in flight once pipelining runs: the chain's stages (S)."""
+    warmup_steps: int
+    """Steps before pipelining starts; they run exact, one call at a time."""
+    queued: deque[Launch] = field(default_factory=deque)
+    """Calls ready to send, in step order (at most `depth`)."""
+    in_flight: int = 0
+    """Calls on the chain now."""
+    arrived: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Model outputs (rows, C_out, L, L) that came back before the step they are for was
+    reached (a resent call overtaken by a later one), by step; at most `depth`."""
+
+
 @dataclass(eq=False)  # identity: two requests may carry the same client-chosen id
 class Request:
     """A request being served: its spec, sampler, generator and latents."""
@@ -54,6 +84,8 @@ class Request:
     """Why it finished, if it failed."""
     started_at: float | None = None
     denoised_at: float | None = None
+    pipeline: Pipeline | None = None
+    """Async mode's state; None for an exact request."""
 
     @classmethod
     def create(cls, spec: GenerationSpec, sampler: Sampler,

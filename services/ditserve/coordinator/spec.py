@@ -13,7 +13,13 @@ import uuid
 from dataclasses import dataclass
 
 from ditserve.common.status import ServiceError, StatusCode
-from ditserve.config import CoordinatorConfig, GuidanceChannels, PreviewMode, SamplerName
+from ditserve.config import (
+    CoordinatorConfig,
+    GenerationMode,
+    GuidanceChannels,
+    PreviewMode,
+    SamplerName,
+)
 from ditserve.model import DiTConfig
 from ditserve.sampling import SAMPLERS
 
@@ -49,6 +55,10 @@ class GenerationSpec:
     """time.monotonic() after which the request fails DEADLINE_EXCEEDED; None: no limit."""
     resumed: bool = False
     """Sent again after its stream broke: may use the max_resumed_requests reserve."""
+    mode: GenerationMode = "exact"
+    """"exact", or "async": pipelined steps on stale activations (scheduler.py)."""
+    async_warmup_steps: int = 0
+    """Async mode: the exact steps before pipelining starts (0..num_steps); 0 in exact."""
 
     @property
     def num_images(self) -> int:
@@ -97,6 +107,23 @@ def check_guidance(scale: float, model: DiTConfig) -> None:
                       f"(1 disables guidance), got {scale:g}")
     if scale != 1.0 and not model.has_null_class:
         raise invalid("guidance_scale", "this model has no null class, so only 1 is allowed")
+
+
+def check_async_warmup(mode: GenerationMode, warmup: int | None, steps: int,
+                       config: CoordinatorConfig) -> int:
+    """The exact warm-up steps of an async request (None → the configured default, capped
+    at its step count); 0 for an exact request, which must not give any."""
+    if mode == "exact":
+        if warmup is not None:
+            raise invalid("async_warmup_steps", "only an async request has warm-up steps "
+                          "(set mode to async, or leave async_warmup_steps unset)")
+        return 0
+    if warmup is None:
+        return min(config.default_async_warmup_steps, steps)
+    if not 0 <= warmup <= steps:
+        raise invalid("async_warmup_steps", f"{warmup} is outside 0..{steps} (the request's "
+                      "num_steps)")
+    return warmup
 
 
 def check_rows(spec: GenerationSpec, config: CoordinatorConfig) -> None:

@@ -4,8 +4,11 @@
     ditserve bench throughput --quick           # tiny sizes, seconds: a smoke test
     ditserve bench peer --set clients=1,16 --out-dir results/
 
+    ditserve bench latency                      # one request: exact vs async mode
+    ditserve bench latency --set quality=true   # async's quality table on the demo model
+
 Scenarios: distribution, throughput, load, peer, wire, hop, memory, gpu, forward,
-gateway, tls, soak, bursts (ditserve.bench).
+gateway, tls, soak, bursts, latency (ditserve.bench).
 `--set FIELD=VALUE` overrides any field of the scenario's Settings (lists comma-separated).
 """
 
@@ -22,7 +25,7 @@ from ditserve.common.status import CommandError
 HELP = "Run a benchmark scenario; write <scenario>.json and <scenario>.md."
 
 SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "hop", "memory", "gpu",
-             "forward", "gateway", "tls", "soak", "bursts")
+             "forward", "gateway", "tls", "soak", "bursts", "latency")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -95,6 +95,10 @@ class GenerateBody:
     """Return the final latents (N, C, L, L) FP32, base64 of little-endian bytes."""
     request_id: str = ""
     """Caller's id for logs."""
+    mode: str | None = None
+    """"exact" or "async"; absent for the server's default (exact)."""
+    async_warmup_steps: int | None = None
+    """Async mode: exact steps before pipelining; absent for the server's default."""
 
     @classmethod
     def from_json(cls, data: Any) -> GenerateBody:
@@ -119,7 +123,8 @@ class GenerateBody:
                 "previews": self.preview_mode, "preview_every": self.preview_every,
                 "image_format": self.image_format, "quality": self.image_quality or None,
                 "skip_images": self.skip_images, "return_latents": self.return_latents,
-                "request_id": self.request_id}
+                "request_id": self.request_id, "mode": self.mode,
+                "warmup": self.async_warmup_steps}
 
 
 def _field(name: str, value: Any) -> Any:
@@ -132,7 +137,7 @@ def _field(name: str, value: Any) -> Any:
         return tuple(value)
     if name == "seed":
         return _seed(value)
-    if name in ("num_steps", "preview_every", "image_quality"):
+    if name in ("num_steps", "preview_every", "image_quality", "async_warmup_steps"):
         if not _is_int(value):
             raise BadRequest(f"{name} must be an integer, got {value!r}")
         return value
@@ -177,7 +182,8 @@ def data_url(image: EncodedImage) -> str:
 def accepted_json(event: Accepted) -> dict[str, Any]:
     return {"request_id": event.request_id, "queue_position": event.queue_position,
             "seed": str(event.seed), "num_steps": event.num_steps, "sampler": event.sampler,
-            "guidance_scale": event.guidance_scale}
+            "guidance_scale": event.guidance_scale, "mode": event.mode,
+            "async_warmup_steps": event.async_warmup_steps}
 
 
 def progress_json(event: Progress) -> dict[str, Any]:

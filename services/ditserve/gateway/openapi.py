@@ -57,6 +57,11 @@ GENERATE_REQUEST = {
         "skip_images": {"type": "boolean", "default": False},
         "return_latents": {"type": "boolean", "default": False},
         "request_id": {"type": "string", "default": ""},
+        "mode": {"enum": ["exact", "async"],
+                 "description": "absent for the server's default (exact)"},
+        "async_warmup_steps": {"type": "integer", "minimum": 0,
+                               "description": "async mode: exact steps before pipelining; "
+                               "absent for the server's default"},
     },
 }
 
@@ -70,7 +75,8 @@ SCHEMAS = {
     "Accepted": {"type": "object", "properties": {
         "request_id": {"type": "string"}, "queue_position": {"type": "integer"},
         "seed": SEED, "num_steps": {"type": "integer"}, "sampler": {"type": "string"},
-        "guidance_scale": {"type": "number"}}},
+        "guidance_scale": {"type": "number"}, "mode": {"enum": ["exact", "async"]},
+        "async_warmup_steps": {"type": "integer"}}},
     "Progress": {"type": "object", "properties": {
         "step": {"type": "integer"}, "total_steps": {"type": "integer"},
         "timestep": {"type": "integer"}, "elapsed_seconds": {"type": "number"},

@@ -27,35 +27,37 @@ from ditserve_client.proto.dit.v1 import stage_pb2 as dit_dot_v1_dot_stage__pb2
 from ditserve_client.proto.dit.v1 import tensor_pb2 as dit_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64it/v1/coordinator.proto\x12\x06\x64it.v1\x1a\x12\x64it/v1/image.proto\x1a\x12\x64it/v1/stage.proto\x1a\x13\x64it/v1/tensor.proto\"\xb3\x03\n\x0fGenerateRequest\x12\x14\n\x0c\x63lass_labels\x18\x01 \x03(\x03\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12 \n\x07sampler\x18\x04 \x01(\x0e\x32\x0f.dit.v1.Sampler\x12\x1b\n\x0eguidance_scale\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x33\n\x11guidance_channels\x18\x06 \x01(\x0e\x32\x18.dit.v1.GuidanceChannels\x12)\n\x0cpreview_mode\x18\x07 \x01(\x0e\x32\x13.dit.v1.PreviewMode\x12\x15\n\rpreview_every\x18\x08 \x01(\r\x12)\n\x0cimage_format\x18\t \x01(\x0e\x32\x13.dit.v1.ImageFormat\x12\x15\n\rimage_quality\x18\n \x01(\r\x12\x13\n\x0bskip_images\x18\x0b \x01(\x08\x12\x16\n\x0ereturn_latents\x18\x0c \x01(\x08\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x0f\n\x07resumed\x18\x1e \x01(\x08\x42\x07\n\x05_seedB\x11\n\x0f_guidance_scale\"\x91\x01\n\x08\x41\x63\x63\x65pted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x11\n\tnum_steps\x18\x04 \x01(\r\x12 \n\x07sampler\x18\x05 \x01(\x0e\x32\x0f.dit.v1.Sampler\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\"\xd3\x01\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x10\n\x08timestep\x18\x03 \x01(\x03\x12\x17\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\x12\x1f\n\x08previews\x18\x06 \x03(\x0b\x32\r.dit.v1.Image\x12\x12\n\nwaiting_on\x18\x1f \x01(\t\x12\x16\n\x0ewaiting_reason\x18  \x01(\t\x12\x17\n\x0fwaiting_seconds\x18! \x01(\x01\"\xa3\x01\n\x06Result\x12\x1d\n\x06images\x18\x01 \x03(\x0b\x32\r.dit.v1.Image\x12\x1f\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.dit.v1.Tensor\x12\x16\n\x0equeued_seconds\x18\x03 \x01(\x01\x12\x19\n\x11\x64\x65noising_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x64\x65\x63oding_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\x89\x01\n\x10GenerateResponse\x12$\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x10.dit.v1.AcceptedH\x00\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x10.dit.v1.ProgressH\x00\x12 \n\x06result\x18\x03 \x01(\x0b\x32\x0e.dit.v1.ResultH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"%\n\tClassInfo\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xbd\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_config_json\x18\x02 \x01(\t\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12\x13\n\x0blatent_size\x18\x04 \x01(\r\x12\x17\n\x0flatent_channels\x18\x05 \x01(\r\x12\"\n\x07\x63lasses\x18\x06 \x03(\x0b\x32\x11.dit.v1.ClassInfo\x12!\n\x08samplers\x18\x07 \x03(\x0e\x32\x0f.dit.v1.Sampler\x12\x15\n\rdefault_steps\x18\x08 \x03(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\t \x01(\x02\x12!\n\x06stages\x18\n \x03(\x0b\x32\x11.dit.v1.StageInfo\x12\x13\n\x0bhas_decoder\x18\x0b \x01(\x08*a\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x10\n\x0cSAMPLER_DDPM\x10\x01\x12\x10\n\x0cSAMPLER_DDIM\x10\x02\x12\x19\n\x15SAMPLER_DPM_SOLVER_PP\x10\x03*s\n\x10GuidanceChannels\x12!\n\x1dGUIDANCE_CHANNELS_UNSPECIFIED\x10\x00\x12!\n\x1dGUIDANCE_CHANNELS_FIRST_THREE\x10\x01\x12\x19\n\x15GUIDANCE_CHANNELS_ALL\x10\x02*c\n\x0bPreviewMode\x12\x1c\n\x18PREVIEW_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PREVIEW_MODE_APPROXIMATE\x10\x01\x12\x18\n\x14PREVIEW_MODE_DECODED\x10\x02\x32\xa0\x01\n\x12\x43oordinatorService\x12?\n\x08Generate\x12\x17.dit.v1.GenerateRequest\x1a\x18.dit.v1.GenerateResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1b.dit.v1.GetModelInfoRequest\x1a\x1c.dit.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64it/v1/coordinator.proto\x12\x06\x64it.v1\x1a\x12\x64it/v1/image.proto\x1a\x12\x64it/v1/stage.proto\x1a\x13\x64it/v1/tensor.proto\"\x91\x04\n\x0fGenerateRequest\x12\x14\n\x0c\x63lass_labels\x18\x01 \x03(\x03\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tnum_steps\x18\x03 \x01(\r\x12 \n\x07sampler\x18\x04 \x01(\x0e\x32\x0f.dit.v1.Sampler\x12\x1b\n\x0eguidance_scale\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x33\n\x11guidance_channels\x18\x06 \x01(\x0e\x32\x18.dit.v1.GuidanceChannels\x12)\n\x0cpreview_mode\x18\x07 \x01(\x0e\x32\x13.dit.v1.PreviewMode\x12\x15\n\rpreview_every\x18\x08 \x01(\r\x12)\n\x0cimage_format\x18\t \x01(\x0e\x32\x13.dit.v1.ImageFormat\x12\x15\n\rimage_quality\x18\n \x01(\r\x12\x13\n\x0bskip_images\x18\x0b \x01(\x08\x12\x16\n\x0ereturn_latents\x18\x0c \x01(\x08\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x0f\n\x07resumed\x18\x1e \x01(\x08\x12$\n\x04mode\x18( \x01(\x0e\x32\x16.dit.v1.GenerationMode\x12\x1f\n\x12\x61sync_warmup_steps\x18) \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05_seedB\x11\n\x0f_guidance_scaleB\x15\n\x13_async_warmup_steps\"\xd3\x01\n\x08\x41\x63\x63\x65pted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x11\n\tnum_steps\x18\x04 \x01(\r\x12 \n\x07sampler\x18\x05 \x01(\x0e\x32\x0f.dit.v1.Sampler\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12$\n\x04mode\x18( \x01(\x0e\x32\x16.dit.v1.GenerationMode\x12\x1a\n\x12\x61sync_warmup_steps\x18) \x01(\r\"\xd3\x01\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x10\n\x08timestep\x18\x03 \x01(\x03\x12\x17\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\x12\x1f\n\x08previews\x18\x06 \x03(\x0b\x32\r.dit.v1.Image\x12\x12\n\nwaiting_on\x18\x1f \x01(\t\x12\x16\n\x0ewaiting_reason\x18  \x01(\t\x12\x17\n\x0fwaiting_seconds\x18! \x01(\x01\"\xa3\x01\n\x06Result\x12\x1d\n\x06images\x18\x01 \x03(\x0b\x32\r.dit.v1.Image\x12\x1f\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.dit.v1.Tensor\x12\x16\n\x0equeued_seconds\x18\x03 \x01(\x01\x12\x19\n\x11\x64\x65noising_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x64\x65\x63oding_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\x89\x01\n\x10GenerateResponse\x12$\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x10.dit.v1.AcceptedH\x00\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x10.dit.v1.ProgressH\x00\x12 \n\x06result\x18\x03 \x01(\x0b\x32\x0e.dit.v1.ResultH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"%\n\tClassInfo\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x88\x03\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_config_json\x18\x02 \x01(\t\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12\x13\n\x0blatent_size\x18\x04 \x01(\r\x12\x17\n\x0flatent_channels\x18\x05 \x01(\r\x12\"\n\x07\x63lasses\x18\x06 \x03(\x0b\x32\x11.dit.v1.ClassInfo\x12!\n\x08samplers\x18\x07 \x03(\x0e\x32\x0f.dit.v1.Sampler\x12\x15\n\rdefault_steps\x18\x08 \x03(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\t \x01(\x02\x12!\n\x06stages\x18\n \x03(\x0b\x32\x11.dit.v1.StageInfo\x12\x13\n\x0bhas_decoder\x18\x0b \x01(\x08\x12%\n\x05modes\x18( \x03(\x0e\x32\x16.dit.v1.GenerationMode\x12\"\n\x1a\x64\x65\x66\x61ult_async_warmup_steps\x18) \x01(\r*a\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x10\n\x0cSAMPLER_DDPM\x10\x01\x12\x10\n\x0cSAMPLER_DDIM\x10\x02\x12\x19\n\x15SAMPLER_DPM_SOLVER_PP\x10\x03*s\n\x10GuidanceChannels\x12!\n\x1dGUIDANCE_CHANNELS_UNSPECIFIED\x10\x00\x12!\n\x1dGUIDANCE_CHANNELS_FIRST_THREE\x10\x01\x12\x19\n\x15GUIDANCE_CHANNELS_ALL\x10\x02*c\n\x0bPreviewMode\x12\x1c\n\x18PREVIEW_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PREVIEW_MODE_APPROXIMATE\x10\x01\x12\x18\n\x14PREVIEW_MODE_DECODED\x10\x02*g\n\x0eGenerationMode\x12\x1f\n\x1bGENERATION_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15GENERATION_MODE_EXACT\x10\x01\x12\x19\n\x15GENERATION_MODE_ASYNC\x10\x02\x32\xa0\x01\n\x12\x43oordinatorService\x12?\n\x08Generate\x12\x17.dit.v1.GenerateRequest\x1a\x18.dit.v1.GenerateResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1b.dit.v1.GetModelInfoRequest\x1a\x1c.dit.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dit.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLER']._serialized_start=1585
-  _globals['_SAMPLER']._serialized_end=1682
-  _globals['_GUIDANCECHANNELS']._serialized_start=1684
-  _globals['_GUIDANCECHANNELS']._serialized_end=1799
-  _globals['_PREVIEWMODE']._serialized_start=1801
-  _globals['_PREVIEWMODE']._serialized_end=1900
+  _globals['_SAMPLER']._serialized_start=1820
+  _globals['_SAMPLER']._serialized_end=1917
+  _globals['_GUIDANCECHANNELS']._serialized_start=1919
+  _globals['_GUIDANCECHANNELS']._serialized_end=2034
+  _globals['_PREVIEWMODE']._serialized_start=2036
+  _globals['_PREVIEWMODE']._serialized_end=2135
+  _globals['_GENERATIONMODE']._serialized_start=2137
+  _globals['_GENERATIONMODE']._serialized_end=2240
   _globals['_GENERATEREQUEST']._serialized_start=98
-  _globals['_GENERATEREQUEST']._serialized_end=533
-  _globals['_ACCEPTED']._serialized_start=536
-  _globals['_ACCEPTED']._serialized_end=681
-  _globals['_PROGRESS']._serialized_start=684
-  _globals['_PROGRESS']._serialized_end=895
-  _globals['_RESULT']._serialized_start=898
-  _globals['_RESULT']._serialized_end=1061
-  _globals['_GENERATERESPONSE']._serialized_start=1064
-  _globals['_GENERATERESPONSE']._serialized_end=1201
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1203
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1224
-  _globals['_CLASSINFO']._serialized_start=1226
-  _globals['_CLASSINFO']._serialized_end=1263
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1266
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1583
-  _globals['_COORDINATORSERVICE']._serialized_start=1903
-  _globals['_COORDINATORSERVICE']._serialized_end=2063
+  _globals['_GENERATEREQUEST']._serialized_end=627
+  _globals['_ACCEPTED']._serialized_start=630
+  _globals['_ACCEPTED']._serialized_end=841
+  _globals['_PROGRESS']._serialized_start=844
+  _globals['_PROGRESS']._serialized_end=1055
+  _globals['_RESULT']._serialized_start=1058
+  _globals['_RESULT']._serialized_end=1221
+  _globals['_GENERATERESPONSE']._serialized_start=1224
+  _globals['_GENERATERESPONSE']._serialized_end=1361
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1363
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1384
+  _globals['_CLASSINFO']._serialized_start=1386
+  _globals['_CLASSINFO']._serialized_end=1423
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1426
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1818
+  _globals['_COORDINATORSERVICE']._serialized_start=2243
+  _globals['_COORDINATORSERVICE']._serialized_end=2403
 # @@protoc_insertion_point(module_scope)

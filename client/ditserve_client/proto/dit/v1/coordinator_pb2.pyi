@@ -28,6 +28,12 @@ class PreviewMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PREVIEW_MODE_UNSPECIFIED: _ClassVar[PreviewMode]
     PREVIEW_MODE_APPROXIMATE: _ClassVar[PreviewMode]
     PREVIEW_MODE_DECODED: _ClassVar[PreviewMode]
+
+class GenerationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GENERATION_MODE_UNSPECIFIED: _ClassVar[GenerationMode]
+    GENERATION_MODE_EXACT: _ClassVar[GenerationMode]
+    GENERATION_MODE_ASYNC: _ClassVar[GenerationMode]
 SAMPLER_UNSPECIFIED: Sampler
 SAMPLER_DDPM: Sampler
 SAMPLER_DDIM: Sampler
@@ -38,9 +44,12 @@ GUIDANCE_CHANNELS_ALL: GuidanceChannels
 PREVIEW_MODE_UNSPECIFIED: PreviewMode
 PREVIEW_MODE_APPROXIMATE: PreviewMode
 PREVIEW_MODE_DECODED: PreviewMode
+GENERATION_MODE_UNSPECIFIED: GenerationMode
+GENERATION_MODE_EXACT: GenerationMode
+GENERATION_MODE_ASYNC: GenerationMode
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("class_labels", "seed", "num_steps", "sampler", "guidance_scale", "guidance_channels", "preview_mode", "preview_every", "image_format", "image_quality", "skip_images", "return_latents", "request_id", "resumed")
+    __slots__ = ("class_labels", "seed", "num_steps", "sampler", "guidance_scale", "guidance_channels", "preview_mode", "preview_every", "image_format", "image_quality", "skip_images", "return_latents", "request_id", "resumed", "mode", "async_warmup_steps")
     CLASS_LABELS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +64,8 @@ class GenerateRequest(_message.Message):
     RETURN_LATENTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ASYNC_WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     class_labels: _containers.RepeatedScalarFieldContainer[int]
     seed: int
     num_steps: int
@@ -69,23 +80,29 @@ class GenerateRequest(_message.Message):
     return_latents: bool
     request_id: str
     resumed: bool
-    def __init__(self, class_labels: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., guidance_scale: _Optional[float] = ..., guidance_channels: _Optional[_Union[GuidanceChannels, str]] = ..., preview_mode: _Optional[_Union[PreviewMode, str]] = ..., preview_every: _Optional[int] = ..., image_format: _Optional[_Union[_image_pb2.ImageFormat, str]] = ..., image_quality: _Optional[int] = ..., skip_images: _Optional[bool] = ..., return_latents: _Optional[bool] = ..., request_id: _Optional[str] = ..., resumed: _Optional[bool] = ...) -> None: ...
+    mode: GenerationMode
+    async_warmup_steps: int
+    def __init__(self, class_labels: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., guidance_scale: _Optional[float] = ..., guidance_channels: _Optional[_Union[GuidanceChannels, str]] = ..., preview_mode: _Optional[_Union[PreviewMode, str]] = ..., preview_every: _Optional[int] = ..., image_format: _Optional[_Union[_image_pb2.ImageFormat, str]] = ..., image_quality: _Optional[int] = ..., skip_images: _Optional[bool] = ..., return_latents: _Optional[bool] = ..., request_id: _Optional[str] = ..., resumed: _Optional[bool] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., async_warmup_steps: _Optional[int] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("request_id", "queue_position", "seed", "num_steps", "sampler", "guidance_scale")
+    __slots__ = ("request_id", "queue_position", "seed", "num_steps", "sampler", "guidance_scale", "mode", "async_warmup_steps")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ASYNC_WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     queue_position: int
     seed: int
     num_steps: int
     sampler: Sampler
     guidance_scale: float
-    def __init__(self, request_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., guidance_scale: _Optional[float] = ...) -> None: ...
+    mode: GenerationMode
+    async_warmup_steps: int
+    def __init__(self, request_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., seed: _Optional[int] = ..., num_steps: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., guidance_scale: _Optional[float] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., async_warmup_steps: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds", "eta_seconds", "previews", "waiting_on", "waiting_reason", "waiting_seconds")
@@ -148,7 +165,7 @@ class ClassInfo(_message.Message):
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_config_json", "image_size", "latent_size", "latent_channels", "classes", "samplers", "default_steps", "default_guidance_scale", "stages", "has_decoder")
+    __slots__ = ("model_name", "model_config_json", "image_size", "latent_size", "latent_channels", "classes", "samplers", "default_steps", "default_guidance_scale", "stages", "has_decoder", "modes", "default_async_warmup_steps")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +177,8 @@ class GetModelInfoResponse(_message.Message):
     DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     HAS_DECODER_FIELD_NUMBER: _ClassVar[int]
+    MODES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ASYNC_WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_config_json: str
     image_size: int
@@ -171,4 +190,6 @@ class GetModelInfoResponse(_message.Message):
     default_guidance_scale: float
     stages: _containers.RepeatedCompositeFieldContainer[_stage_pb2.StageInfo]
     has_decoder: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., image_size: _Optional[int] = ..., latent_size: _Optional[int] = ..., latent_channels: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., samplers: _Optional[_Iterable[_Union[Sampler, str]]] = ..., default_steps: _Optional[_Iterable[int]] = ..., default_guidance_scale: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[_stage_pb2.StageInfo, _Mapping]]] = ..., has_decoder: _Optional[bool] = ...) -> None: ...
+    modes: _containers.RepeatedScalarFieldContainer[GenerationMode]
+    default_async_warmup_steps: int
+    def __init__(self, model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., image_size: _Optional[int] = ..., latent_size: _Optional[int] = ..., latent_channels: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., samplers: _Optional[_Iterable[_Union[Sampler, str]]] = ..., default_steps: _Optional[_Iterable[int]] = ..., default_guidance_scale: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[_stage_pb2.StageInfo, _Mapping]]] = ..., has_decoder: _Optional[bool] = ..., modes: _Optional[_Iterable[_Union[GenerationMode, str]]] = ..., default_async_warmup_steps: _Optional[int] = ...) -> None: ...
