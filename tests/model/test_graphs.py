@@ -8,6 +8,8 @@ Whether a replayed graph equals the eager forward is checked only where CUDA is 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from ditserve.model.graphs import CudaGraphs, graph_batch_sizes, pad_rows, padded_size
@@ -55,3 +57,49 @@ def test_replayed_graphs_equal_the_eager_forward_on_cuda(tiny_model):
         assert torch.equal(graphed, again)
     assert runner.graphs.captured == (1, 4, 8)
     runner.close()
+
+
+class _EagerGraph:
+    """Stands in for a captured graph on the CPU: static buffers, replay = the forward."""
+
+    captures: ClassVar[list[int]] = []
+
+    def __init__(self, forward, inputs, pool):
+        if inputs[0].shape[0] == 16:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        _EagerGraph.captures.append(inputs[0].shape[0])
+        self.forward, self.inputs = forward, [x.clone() for x in inputs]
+        self.outputs = forward(*self.inputs)
+
+    def replay(self, inputs):
+        for static, x in zip(self.inputs, inputs, strict=True):
+            static.copy_(x)
+        self.outputs[0].copy_(self.forward(*self.inputs)[0])
+        return self.outputs
+
+
+def test_dispatch_captures_each_rung_once_pads_slices_and_falls_back(monkeypatch):
+    """The selection logic without a GPU: a stand-in graph that replays eagerly."""
+    import ditserve.model.graphs as graphs
+
+    monkeypatch.setattr(graphs, "_Graph", _EagerGraph)
+    monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: "pool")
+    _EagerGraph.captures = []
+    calls = []
+
+    def forward(x):
+        calls.append(x.shape[0])
+        return (x * 2 + 1,)
+
+    wrapped = CudaGraphs(forward, graph_batch_sizes(16))
+    for rows in (3, 4, 3, 20, 9, 9):
+        x = torch.randn(rows, 5)
+        (out,) = wrapped(x)
+        assert out.shape == (rows, 5) and torch.equal(out, x * 2 + 1)
+    assert _EagerGraph.captures == [4]  # 3 and 4 rows share the rung of 4, captured once
+    assert wrapped.captured == (4,)  # 20 rows: beyond the ladder; 9 → 16: capture failed
+    assert calls.count(20) == 1 and calls.count(9) == 2  # both eager, 16 never retried
+    (out,) = wrapped(torch.ones(3, 5))
+    out += 1  # a fresh tensor: the graph's static output is not handed out
+    (again,) = wrapped(torch.ones(3, 5))
+    assert torch.equal(again, torch.full((3, 5), 3.0))

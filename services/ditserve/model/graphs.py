@@ -86,7 +86,7 @@ class CudaGraphs:
         self.forward = forward
         self.sizes = tuple(sorted(sizes))
         self._graphs: dict[int, _Graph | None] = {}  # None: capture failed, run eagerly
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool: object = None  # one memory pool for all the graphs, made at first capture
 
     @property
     def captured(self) -> tuple[int, ...]:
@@ -104,6 +104,8 @@ class CudaGraphs:
 
     def _graph(self, size: int, inputs: Sequence[torch.Tensor]) -> _Graph | None:
         if size not in self._graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             try:
                 self._graphs[size] = _Graph(self.forward, [pad_rows(x, size) for x in inputs],
                                             self._pool)
