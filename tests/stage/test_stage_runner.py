@@ -165,3 +165,36 @@ def test_a_bf16_model_computes_in_bf16_near_the_fp32_one(tiny_model):
     assert_scaled_close(out16, out32, 0.05, "bf16 vs fp32 compute")
     runner16.close()
     runner32.close()
+
+
+@pytest.mark.parametrize(("configured", "flags", "expected"), [
+    (None, [], True), (False, [], False), (False, ["--cuda-graphs"], True),
+    (True, ["--no-cuda-graphs"], False)])
+def test_cuda_graphs_come_from_the_config_and_a_flag_overrides_it(tiny_checkpoint, tmp_path,
+                                                                  configured, flags, expected):
+    import argparse
+
+    import yaml
+    from ditserve.entrypoints.stage import _from_config, _from_flags, add_arguments
+
+    stage = {"address": "127.0.0.1:1"} | ({} if configured is None else {"cuda_graphs": configured})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"model": {"checkpoint": str(tiny_checkpoint)},
+                                    "stages": [stage]}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = _from_config(parser.parse_args(["--config", str(path), "--stage", "0", *flags]),
+                           env=argparse.Namespace(stage_index=None))
+    assert options.cuda_graphs is expected
+    if configured is None:  # the flags-only form: on unless --no-cuda-graphs
+        for given, want in (([], True), (["--no-cuda-graphs"], False)):
+            args = parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--stage", "0",
+                                      "--stages", "1", "--listen", "127.0.0.1:1", *given])
+            assert _from_flags(args).cuda_graphs is want
+
+
+def test_a_config_refuses_a_cuda_graphs_that_is_not_a_boolean(tmp_path):
+    from ditserve.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        config_from_dict({"stages": [{"address": "127.0.0.1:1", "cuda_graphs": "sometimes"}]})
