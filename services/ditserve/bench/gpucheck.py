@@ -80,7 +80,7 @@ class Settings:
     steps: int = 20
     """ddim steps per request."""
     budgets: dict[str, float] = field(default_factory=lambda: {
-        "parity": 45.0, "forward": 100.0, "pipelines": 240.0, "diffusers": 60.0})
+        "parity": 45.0, "forward": 90.0, "pipelines": 235.0, "diffusers": 75.0})
     """Seconds each part may take (the whole ≤ 8 min with the install)."""
 
     @classmethod
