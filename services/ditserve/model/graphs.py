@@ -64,7 +64,10 @@ class _Graph:
                 forward(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: only this (the compute) thread must avoid unsafe CUDA calls while
+        # capturing; the default ("global") would also fail another thread's pinned-memory
+        # or CUDA IPC call made meanwhile, or be invalidated by it.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = forward(*self.inputs)
 
     def replay(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
