@@ -83,3 +83,17 @@ def test_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("gpu-check: no CUDA device here; --device cpu --quick "
                                      "is the dry run")
+
+
+def test_the_check_refuses_more_files_than_the_device_tool_brings_back(tmp_path):
+    _summary(tmp_path, dict.fromkeys(gpucheck.PARTS, "ok"))
+    (tmp_path / gpucheck.LOGS_FILE).write_text("logs")
+    assert gpucheck.check(tmp_path / "summary.json") == []  # 6 files
+    (tmp_path / "deeper").mkdir()
+    (tmp_path / "deeper" / "stage.log").write_text("")
+    assert "brings back at most 8" in gpucheck.check(tmp_path / "summary.json")[0]
+    (tmp_path / "deeper" / "stage.log").unlink()
+    for k in range(3):
+        (tmp_path / f"extra-{k}.json").write_text("{}")
+    assert gpucheck.check(tmp_path / "summary.json") == [
+        f"9 files under {tmp_path}: the device tool brings back at most 8, all in that folder"]

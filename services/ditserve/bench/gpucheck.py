@@ -44,6 +44,13 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200"
 """Dense bf16 tensor-core peaks (NVIDIA datasheets, no sparsity), by a substring of
 torch.cuda.get_device_name: the first match wins, so the specific names come first."""
 
+LOGS_FILE = "pipelines-logs.txt"
+"""Every pipeline variant's config and stage log tails, in one file."""
+
+MAX_FILES = 8
+"""The most files the device tool brings back from its output folder: the check writes
+fewer (one JSON per part, the summary, the logs file), and `check` refuses more."""
+
 PARITY_BOUND = 0.05
 """bf16 vs fp32 forward, scaled error max|a-b|/max|b|: bf16 rounds weights and activations
 (u = 2^-9) at every layer; through 28 blocks that stays at a few 1e-3 to 1e-2 of the
@@ -226,10 +233,9 @@ def part_pipelines(s: Settings, out: Path) -> dict[str, Any]:
     if not available:
         result["transport"] = "not available"
     model = random_model(s.model, s.latent_size)
-    logs = out / "pipelines-logs"  # each variant's config and stage logs: they come back
-    logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ditserve-gpucheck-") as folder:
         path = checkpoint(model, folder)
+        logs = Path(folder)
         for stages in s.stage_counts:
             for transport in s.transports:
                 row: dict[str, Any] = {"stages": stages, "transport": transport}
@@ -248,7 +254,19 @@ def part_pipelines(s: Settings, out: Path) -> dict[str, Any]:
                         result.setdefault("error", f"{stages} stages, {transport}: {row['error']}")
                 result["variants"].append(row)
                 _write(out / "pipelines.json", result)  # what ran so far survives a timeout
+                name = f"{stages}-stages-{transport if available else 'default'}"
+                _append_logs(out / LOGS_FILE, logs, name)
     return result
+
+
+def _append_logs(path: Path, folder: Path, name: str, lines: int = 200) -> None:
+    """The variant's config and its stages' last `lines` log lines, appended to ONE file
+    (the device tool brings back at most MAX_FILES files)."""
+    with path.open("a") as out:
+        for file in sorted(folder.glob(f"{name}*")):
+            if file.suffix in (".yaml", ".log"):
+                tail = file.read_text(errors="replace").splitlines()[-lines:]
+                out.write(f"==== {file.name}\n" + "\n".join(tail) + "\n")
 
 
 async def _pipeline(s: Settings, config, path: Path, stages: int, transport: str | None,
@@ -386,6 +404,8 @@ def run_part(name: str, s: Settings, out: Path) -> None:
 def run_all(s: Settings, out: Path, quick: bool) -> dict[str, Any]:
     """Every part in its own process, each within its budget; writes summary.json."""
     out.mkdir(parents=True, exist_ok=True)
+    for name in (*(f"{p}.json" for p in PARTS), "summary.json", LOGS_FILE):
+        (out / name).unlink(missing_ok=True)  # a previous run's: appended to, or judged
     summary: dict[str, Any] = {"device": s.device, "quick": quick, "parts": {}}
     for name in PARTS:
         summary["parts"][name] = _run_child(name, s, out, quick)
@@ -438,6 +458,10 @@ def check(summary_path: Path) -> list[str]:
                  for p, v in parts.items() if v.get("status") != "ok"]
     problems += [f"part {p}: no {p}.json" for p in PARTS
                  if not (summary_path.parent / f"{p}.json").exists()]
+    files = [f for f in summary_path.parent.rglob("*") if f.is_file()]
+    if len(files) > MAX_FILES or any(f.parent != summary_path.parent for f in files):
+        problems.append(f"{len(files)} files under {summary_path.parent}: the device tool "
+                        f"brings back at most {MAX_FILES}, all in that folder")
     return problems
 
 
