@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos check-protos lint browser test test-cpu-kernels demo clean
+.PHONY: install protos check-protos lint browser test test-cpu-kernels gpu-check-dry demo clean
 
 install: $(STAMP)
 
@@ -39,7 +39,7 @@ browser:
 		echo "make browser: chromium/chromedriver missing and not root: the browser test will be skipped"; \
 	fi
 
-test: install browser check-protos lint test-cpu-kernels
+test: install browser check-protos lint test-cpu-kernels gpu-check-dry
 	$(PY) -m pytest -q -ra
 
 # float32 results differ between CPUs (torch picks AVX-512, AVX2 or scalar kernels at run
@@ -52,6 +52,12 @@ test-cpu-kernels: install
 		$(PY) -m pytest -q -p no:cacheprovider $(NUMERICAL_TESTS)
 	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=SSE4_2 \
 		$(PY) -m pytest -q -p no:cacheprovider $(NUMERICAL_TESTS)
+
+# The GPU check's dry run (scripts/gpu-check.sh --device cpu --quick: a tiny model, real
+# stage processes, every part in its own process): fails unless every part reports ok,
+# so the script that only ever runs on a lent GPU machine is known to work before it does.
+gpu-check-dry: install
+	PYTHON=$(PY) bash scripts/gpu-check.sh --device cpu --quick --out build/gpu-check-dry
 
 demo: install
 	$(VENV)/bin/ditserve demo --out demo.png

@@ -66,6 +66,9 @@ class StageConfig:
     """Explicit block range "START:END"; empty means an equal share."""
     device: str = "cpu"
     """Compute device: "cpu", "cuda" or "cuda:N"."""
+    cuda_graphs: bool = True
+    """On a CUDA device, replay the forward as CUDA graphs, one per padded batch size
+    (1, 2, 4, 8, then every 8); false runs every forward eagerly. Ignored on a CPU."""
 
     def listen_address(self) -> str:
         return self.listen or f"[::]:{self.address.rsplit(':', 1)[-1]}"

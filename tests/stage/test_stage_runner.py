@@ -117,3 +117,84 @@ def test_a_stage_process_opens_its_checkpoint_once(tiny_checkpoint, monkeypatch)
     runner = _load(_from_flags(args))
     runner.close()
     assert opened == [str(tiny_checkpoint)] and (runner.block_start, runner.block_end) == (2, 4)
+
+
+# ---- compute dtype and CUDA graphs ---------------------------------------------------------
+
+def test_cpu_runners_never_use_cuda_graphs(tiny_model):
+    runner = StageRunner(tiny_model, (0, 4), cuda_graphs=True)
+    assert runner.graphs is None  # graphs are for CUDA devices only
+    runner.close()
+
+
+@pytest.mark.parametrize("blocks", [(0, 2), (2, 4), (0, 4)])
+def test_zero_padding_rows_leaves_the_real_rows_unchanged(tiny_model, blocks):
+    """The premise of padding a microbatch up to a captured graph's size."""
+    from ditserve.model.graphs import pad_rows
+    from numerics import FORWARD_FP32
+
+    runner = StageRunner(tiny_model, blocks, 0 if blocks[0] == 0 else 1, 2, "fp32")
+    cfg = tiny_model.config
+    if blocks[0] == 0:
+        args = (torch.randn(3, 4, 8, 8), torch.tensor([0.0, 500.0, 999.0]), torch.tensor([0, 5, 10]))
+    else:
+        args = (torch.randn(3, cfg.num_tokens, cfg.hidden_size), torch.randn(3, cfg.hidden_size))
+    with torch.inference_mode():
+        alone = runner._forward(*args)
+        padded = runner._forward(*(pad_rows(a, 8) for a in args))
+    for a, p in zip(alone, padded, strict=True):
+        assert_scaled_close(p[:3], a, FORWARD_FP32, "padded rows")
+    runner.close()
+
+
+def test_a_bf16_model_computes_in_bf16_near_the_fp32_one(tiny_model):
+    """What a CUDA stage does (bf16 weights, SDPA in bf16), here on the CPU: every stage
+    computes in its weights' dtype and the last one returns FP32 close to the fp32 model.
+    Bound: weights and activations each round to bf16 (u = 2^-9) at every layer; through
+    the tiny model's 4 blocks that moves the output by a few percent of its scale at most
+    (seen <= 9e-3 over 5 seeds); a wrong dtype path (fp32 weights fed bf16 tokens) raises instead."""
+    import copy
+
+    model16 = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    runner16 = StageRunner(model16, (0, 4), wire_dtype="bf16")
+    runner32 = StageRunner(tiny_model, (0, 4), wire_dtype="fp32")
+    inputs = _good(4)
+    (_, out16), = runner16.compute(inputs)
+    (_, out32), = runner32.compute(inputs)
+    assert runner16.describe().device == "cpu/bfloat16" and out16.dtype == torch.float32
+    assert_scaled_close(out16, out32, 0.05, "bf16 vs fp32 compute")
+    runner16.close()
+    runner32.close()
+
+
+@pytest.mark.parametrize(("configured", "flags", "expected"), [
+    (None, [], True), (False, [], False), (False, ["--cuda-graphs"], True),
+    (True, ["--no-cuda-graphs"], False)])
+def test_cuda_graphs_come_from_the_config_and_a_flag_overrides_it(tiny_checkpoint, tmp_path,
+                                                                  configured, flags, expected):
+    import argparse
+
+    import yaml
+    from ditserve.entrypoints.stage import _from_config, _from_flags, add_arguments
+
+    stage = {"address": "127.0.0.1:1"} | ({} if configured is None else {"cuda_graphs": configured})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"model": {"checkpoint": str(tiny_checkpoint)},
+                                    "stages": [stage]}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = _from_config(parser.parse_args(["--config", str(path), "--stage", "0", *flags]),
+                           env=argparse.Namespace(stage_index=None))
+    assert options.cuda_graphs is expected
+    if configured is None:  # the flags-only form: on unless --no-cuda-graphs
+        for given, want in (([], True), (["--no-cuda-graphs"], False)):
+            args = parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--stage", "0",
+                                      "--stages", "1", "--listen", "127.0.0.1:1", *given])
+            assert _from_flags(args).cuda_graphs is want
+
+
+def test_a_config_refuses_a_cuda_graphs_that_is_not_a_boolean(tmp_path):
+    from ditserve.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        config_from_dict({"stages": [{"address": "127.0.0.1:1", "cuda_graphs": "sometimes"}]})

@@ -57,6 +57,19 @@ def measure(model: str, batch: int, image_size: int, stages: int, stage: int | N
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def forward_flops(config) -> float:
+    """FLOPs of one row's whole forward, counting a multiply-add as 2 (the usual MFU
+    convention): DiT-XL/2 at 256 px (T = 256, D = 1152) is 237 GFLOP. Per block: qkv and
+    projection 4·T·D², QKᵀ and attention·V 2·T²·D, the MLP 2·r·T·D², adaLN 6·D²; plus the
+    patch embedding, the timestep MLP and the final layer."""
+    t, d, p = config.num_tokens, config.hidden_size, config.patch_size
+    mlp = int(d * config.mlp_ratio)
+    block = t * (4 * d * d + 2 * d * mlp) + 2 * t * t * d + 6 * d * d
+    ends = (t * p * p * config.in_channels * d + 256 * d + d * d  # embedders
+            + 2 * d * d + t * d * p * p * config.out_channels)  # final layer
+    return 2.0 * (config.depth * block + ends)
+
+
 def run_isolated(model: str, batch: int, image_size: int, stages: int, stage: int | None,
                  repeats: int, threads: int) -> dict:
     """measure() in a fresh Python process."""

@@ -3,8 +3,10 @@
     ditserve bench gpu                       # DiT-XL/2 at 256 px, distribution/throughput/peer
 
 Runs `distribution`, `throughput` and `peer` with `device="cuda"`: stage processes load
-their blocks in bf16 on the GPU (`ditserve stage --device cuda`), the in-process monolith
-and diffusers run on the same GPU. Without a GPU it says so and exits 2 (a CommandError).
+their blocks in bf16 on the GPU (`ditserve stage --device cuda`, CUDA graphs per padded
+batch size), the in-process monolith and diffusers run on the same GPU. Without a GPU it
+says so and exits 2 (a CommandError). The one prepared, time-boxed check of a lent GPU
+machine is scripts/gpu-check.sh (bench/gpucheck.py).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def run(s: Settings) -> Report:
         raise NoGPU("no CUDA device is available on this machine (torch "
                     f"{torch.__version__}, cuda {torch.version.cuda}); run it where a GPU is")
     modules = {"distribution": distribution, "throughput": throughput, "peer": peer}
-    rows, samples, notes = [], {}, [f"GPU: {torch.cuda.get_device_name(0)}, bf16 compute, SDPA."]
+    rows, samples, notes = [], {}, [f"GPU: {torch.cuda.get_device_name(0)}, bf16 compute, SDPA, CUDA graphs."]
     for name in s.scenarios:
         report = modules[name].run(settings_for(name, s))
         rows += [{"scenario": name, **row} for row in report.rows]

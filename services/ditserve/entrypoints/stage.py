@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wire-dtype", choices=get_args(WireDtype),
                         help="activation dtype on the wire (default bf16)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="on CUDA, replay the forward as CUDA graphs per padded batch "
+                             "size (default on; --no-cuda-graphs runs eagerly)")
     parser.add_argument("--max-batch", type=int, help="most rows per microbatch (default 32)")
     parser.add_argument("--metrics-port", type=int, help="port of the Prometheus endpoint")
     parser.add_argument("--threads", type=int, help="torch CPU threads for compute")
@@ -72,7 +75,7 @@ def _from_flags(args: argparse.Namespace):
     return StageOptions(
         checkpoint=args.checkpoint, stage_index=args.stage, num_stages=args.stages,
         blocks=blocks, listen=args.listen, next_address=args.next or "", model_name=args.model,
-        reader=reader,
+        reader=reader, cuda_graphs=getattr(args, "cuda_graphs", None) is not False,
         security=security_from(args, SecurityConfig()),
         **_device_options(args.device or "cpu", args.wire_dtype or "bf16",
                           args.max_batch or 32, args.metrics_port))
@@ -100,9 +103,15 @@ def _from_config(args: argparse.Namespace, env):
         checkpoint=checkpoint, stage_index=index, num_stages=len(config.stages), blocks=blocks,
         listen=args.listen or stage.listen_address(), next_address=args.next or next_address,
         address=stage.address, model_name=config.model.name, reader=reader,
+        cuda_graphs=_choose(getattr(args, "cuda_graphs", None), stage.cuda_graphs),
         security=security_from(args, config.security),
         **_device_options(args.device or stage.device, args.wire_dtype or config.wire_dtype,
                           args.max_batch or config.max_batch_size, args.metrics_port))
+
+
+def _choose(flag: bool | None, configured: bool) -> bool:
+    """A --[no-]cuda-graphs flag given on the command line wins over the config file."""
+    return configured if flag is None else flag
 
 
 def _device_options(device: str, wire_dtype: str, max_batch: int,

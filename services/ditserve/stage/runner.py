@@ -23,6 +23,7 @@ from torch import nn
 from ditserve.config import WireDtype
 from ditserve.model import DiT, load_stage, open_checkpoint
 from ditserve.model.checkpoint import CheckpointReader
+from ditserve.model.graphs import CudaGraphs, graph_batch_sizes
 from ditserve.wire import DTYPES, WIRE_DTYPE_NAMES, WireError
 from ditserve.wire.codec import NAMES
 
@@ -56,10 +57,12 @@ class StageRunner:
 
     def __init__(self, model: DiT, blocks: tuple[int, int], stage_index: int = 0,
                  num_stages: int = 1, wire_dtype: WireDtype = "bf16", max_batch_size: int = 32,
-                 weight_hash: str = "", address: str = ""):
+                 weight_hash: str = "", address: str = "", cuda_graphs: bool = True):
         """`model` holds at least this stage's parts: its slice, or the whole model (then
         the runner runs a view of it that shares its modules, as the in-process chain
-        does with one model for every emulated stage)."""
+        does with one model for every emulated stage). `cuda_graphs`: on a CUDA device,
+        replay the forward as CUDA graphs per padded batch size (model/graphs.py); never
+        on a CPU."""
         self.config = model.config
         self.block_start, self.block_end = blocks
         self.stage_index, self.num_stages = stage_index, num_stages
@@ -71,6 +74,8 @@ class StageRunner:
         self.dtype = next(model.parameters()).dtype
         _check_holds(model, blocks)
         self.model = stage_view(model, blocks)
+        self.graphs = (CudaGraphs(self._forward, graph_batch_sizes(max_batch_size))
+                       if cuda_graphs and self.device.type == "cuda" else None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     @classmethod
@@ -152,15 +157,25 @@ class StageRunner:
     def compute(self, inputs: Tensors) -> list[tuple[str, torch.Tensor]]:
         """Validated inputs → ("h", "c") in the wire dtype, or ("out",) FP32 if last."""
         if self.is_first:
-            x = inputs["x"].to(self.device, self.dtype)  # (N, C, L, L)
-            h, c = self.model.embed(x, inputs["t"].to(self.device), inputs["y"].to(self.device))
+            args = (inputs["x"].to(self.device, self.dtype),  # (N, C, L, L)
+                    inputs["t"].to(self.device, torch.float32),  # (N,): one dtype per graph
+                    inputs["y"].to(self.device))  # (N,)
         else:
-            h = inputs["h"].to(self.device, self.dtype)  # (N, T, D)
-            c = inputs["c"].to(self.device, self.dtype)  # (N, D)
+            args = (inputs["h"].to(self.device, self.dtype),  # (N, T, D)
+                    inputs["c"].to(self.device, self.dtype))  # (N, D)
+        outputs = (self.graphs or self._forward)(*args)
+        if self.is_last:
+            return [("out", outputs[0].cpu())]
+        return [("h", outputs[0].cpu()), ("c", outputs[1].cpu())]
+
+    def _forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """On the device: (x, t, y) or (h, c) → (h, c) in the wire dtype, or (out,) FP32
+        (N, C_out, L, L) on the last stage. What a CUDA graph captures."""
+        h, c = self.model.embed(*args) if self.is_first else args
         h = self.model.run_blocks(h, c)  # (N, T, D)
         if self.is_last:
-            return [("out", self.model.head(h, c).float().cpu())]  # (N, C_out, L, L)
-        return [("h", h.to(self.wire_torch_dtype).cpu()), ("c", c.to(self.wire_torch_dtype).cpu())]
+            return (self.model.head(h, c).float(),)
+        return h.to(self.wire_torch_dtype), c.to(self.wire_torch_dtype)
 
     def compute_timed(self, inputs: Tensors) -> tuple[list[tuple[str, torch.Tensor]], float]:
         start = time.perf_counter()

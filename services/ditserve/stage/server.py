@@ -55,6 +55,8 @@ class StageOptions:
     """Compute dtype of the weights."""
     max_batch_size: int = 32
     """Most rows per microbatch."""
+    cuda_graphs: bool = True
+    """On CUDA, replay the forward as CUDA graphs per padded batch size."""
     metrics_port: int | None = None
     """Port of the Prometheus endpoint; None for none."""
     grace: float = 5.0
@@ -100,7 +102,7 @@ def _load(options: StageOptions) -> StageRunner:
         options.device, options.dtype,
         stage_index=options.stage_index, num_stages=options.num_stages,
         wire_dtype=options.wire_dtype, max_batch_size=options.max_batch_size,
-        address=options.address or options.listen)
+        cuda_graphs=options.cuda_graphs, address=options.address or options.listen)
 
 
 def _closer(runner: StageRunner):
