@@ -4,7 +4,7 @@
     ditserve bench throughput --quick           # tiny sizes, seconds: a smoke test
     ditserve bench peer --set clients=1,16 --out-dir results/
 
-Scenarios: distribution, throughput, load, peer, wire, hop, memory, gpu, forward,
+Scenarios: distribution, throughput, load, peer, wire, transport, memory, gpu, forward,
 gateway, tls, soak (ditserve.bench).
 `--set FIELD=VALUE` overrides any field of the scenario's Settings (lists comma-separated).
 """
@@ -22,7 +22,7 @@ from ditserve.common.status import CommandError
 HELP = "Run a benchmark scenario; write <scenario>.json and <scenario>.md."
 
 SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "hop", "memory", "gpu",
-             "forward", "gateway", "tls", "soak")
+             "forward", "gateway", "tls", "soak", "transport")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,8 @@ from ditserve.common.grpc_options import MAX_MESSAGE_BYTES, channel_options
 from ditserve.common.logs import log_event
 from ditserve.common.metrics import WIRE_BYTES
 from ditserve.common.status import ServiceError, StatusCode
+from ditserve.config import Transport
+from ditserve.config import Transport
 from ditserve.security.tls import Dialer
 from ditserve.wire import CHUNK_BYTES, FrameAssembler, WireError, encode_frames
 
@@ -56,8 +58,12 @@ class StageClient:
     """Client of one stage's Forward stream (see the module docstring)."""
 
     def __init__(self, address: str, peer: str = "stage", chunk_bytes: int = CHUNK_BYTES,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, dialer: Dialer | None = None):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, dialer: Dialer | None = None,
+                 transport: Transport = "grpc", slot_bytes: int = 0):
+        """`transport` "auto"/"shm" offers shared memory when each stream opens (slots of
+        `slot_bytes`; 0: never), "grpc" sends every byte over the stream."""
         self.address, self.peer, self.chunk_bytes = address, peer, chunk_bytes
+        self.transport, self.slot_bytes = transport, slot_bytes
         self._dialer = dialer or Dialer()  # mTLS under security.tls, else plaintext
         self._options = channel_options(max_message_bytes)
         self._channel = self._dialer.channel(address, self._options)

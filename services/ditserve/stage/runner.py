@@ -12,6 +12,7 @@ asyncio loop that serves health checks and streams never waits behind a forward 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 from ditserve.config import WireDtype
 from ditserve.model import DiT, load_stage, open_checkpoint
 from ditserve.model.checkpoint import CheckpointReader
+from ditserve.model.configs import DiTConfig
 from ditserve.wire import DTYPES, WIRE_DTYPE_NAMES, WireError
 from ditserve.wire.codec import NAMES
 
@@ -246,3 +248,42 @@ def _expect_dtype(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ..
     if tensor.dtype not in dtypes:
         allowed = " or ".join(NAMES[d] for d in dtypes)
         raise WireError(f"{name}: datatype {NAMES[tensor.dtype]}, expected {allowed}")
+
+
+class RelayRunner(StageRunner):
+    """Benchmark-only stage that skips its blocks (`ditserve stage --relay`): it takes
+    h (N, T, D) and c (N, D) in the wire dtype at any position, validates them exactly as
+    a later stage does, and passes them on unchanged; the last one replies with c as
+    "out". So `ditserve bench transport` measures the data plane (receive, validate,
+    forward, reply) through the real servicer and client, with no compute in the way."""
+
+    def __init__(self, config: DiTConfig, stage_index: int = 0, num_stages: int = 1,
+                 wire_dtype: WireDtype = "bf16", max_batch_size: int = 32, address: str = ""):
+        self.config = config
+        self.block_start, self.block_end = stage_index, stage_index + 1
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.wire_datatype = WIRE_DTYPE_NAMES[wire_dtype]
+        self.wire_torch_dtype = DTYPES[self.wire_datatype]
+        self.max_batch_size = max_batch_size
+        self.weight_hash, self.address = "relay", address
+        self.device, self.dtype = torch.device("cpu"), self.wire_torch_dtype
+        self._last = stage_index == num_stages - 1
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    @property
+    def is_first(self) -> bool:
+        return False  # a relay takes (h, c) even at position 0
+
+    @property
+    def is_last(self) -> bool:
+        return self._last
+
+    def compute(self, inputs: Tensors) -> list[tuple[str, torch.Tensor]]:
+        if self._last:
+            return [("out", inputs["c"])]  # (N, D): a small reply, as the real one is
+        return [("h", inputs["h"]), ("c", inputs["c"])]
+
+    def describe(self, serving: bool = True) -> StageDescription:
+        return dataclasses.replace(super().describe(serving), block_start=self.stage_index,
+                                   block_end=self.stage_index + 1, depth=self.num_stages,
+                                   device="cpu/relay")

@@ -16,12 +16,13 @@ from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
 from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
-from ditserve.config import SecurityConfig
+from ditserve.config import SecurityConfig, Transport
+from ditserve.model.configs import DiTConfig
 from ditserve.model.checkpoint import CheckpointReader
 from ditserve.security.service import ServiceSecurity
 
 from .client import StageClient
-from .runner import StageRunner
+from .runner import RelayRunner, StageRunner
 from .servicer import StageServicer
 
 SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name
@@ -63,6 +64,10 @@ class StageOptions:
     """`checkpoint` already opened (to read its depth), so the file is opened only once."""
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """TLS/mTLS of its port and of the hop to the next stage."""
+    transport: Transport = "auto"
+    """How activations reach the next stage (PipelineConfig.transport)."""
+    relay: DiTConfig | None = None
+    """Benchmark only: serve a RelayRunner of this config (no weights, blocks skipped)."""
 
 
 async def serve(options: StageOptions) -> None:
@@ -95,6 +100,10 @@ async def serve(options: StageOptions) -> None:
 
 
 def _load(options: StageOptions) -> StageRunner:
+    if options.relay is not None:
+        return RelayRunner(options.relay, options.stage_index, options.num_stages,
+                           options.wire_dtype, options.max_batch_size,
+                           options.address or options.listen)
     return StageRunner.from_checkpoint(
         options.reader or options.checkpoint, options.blocks, options.model_name,
         options.device, options.dtype,
