@@ -186,6 +186,16 @@ def test_staging_reuses_buffers_by_size_within_its_limit():
     assert staging.cached_bytes <= 100
 
 
+def test_staging_evicts_after_a_size_was_taken_out():
+    staging = PinnedStaging(limit_bytes=100)
+    a, c = staging._buffer(40), staging._buffer(30)
+    staging.give_back(a)
+    staging.give_back(c)
+    assert staging._buffer(40) is a  # the 40-byte size is now empty
+    staging.give_back(staging._buffer(80))  # must evict the 30, not trip on the 40
+    assert staging.cached_bytes == 80 and staging._buffer(30) is not c
+
+
 # -- the real handoff (GPU only) --
 
 def _export_child(queue, done) -> None:

@@ -291,7 +291,10 @@ class PinnedStaging:
         free = self._free.get(nbytes)
         if free:
             self.cached_bytes -= nbytes
-            return free.pop()
+            buffer = free.pop()
+            if not free:
+                del self._free[nbytes]  # no empty lists: eviction takes from real ones
+            return buffer
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda_ready())
 
     def give_back(self, buffer: torch.Tensor) -> None:
