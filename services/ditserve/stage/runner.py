@@ -103,6 +103,13 @@ class StageRunner:
             return n * (cfg.in_channels * cfg.input_size ** 2 * 8 + 16)
         return n * (cfg.num_tokens + 1) * cfg.hidden_size * self.wire_torch_dtype.itemsize
 
+    def max_output_bytes(self) -> int:
+        """Largest payload this stage sends on: h (N, T, D) and c (N, D) in the wire dtype
+        at max_batch_size rows (the size of the next hop's shared-memory slots)."""
+        cfg = self.config
+        return (self.max_batch_size * (cfg.num_tokens + 1) * cfg.hidden_size
+                * self.wire_torch_dtype.itemsize)
+
     def validate(self, tensors: Tensors) -> Tensors:
         """Checks names, dtypes, shapes and ranges of a request microbatch (WireError)."""
         return self._validate_first(tensors) if self.is_first else self._validate_later(tensors)

@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 import torch
-from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
+from ditserve_client.proto.dit.v1 import stage_pb2
 
 from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
@@ -23,7 +23,7 @@ from ditserve.security.service import ServiceSecurity
 
 from .client import StageClient
 from .runner import RelayRunner, StageRunner
-from .servicer import StageServicer
+from .servicer import StageServicer, add_to_server
 
 SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name
 
@@ -81,10 +81,10 @@ async def serve(options: StageOptions) -> None:
     next_hop = None
     if options.next_address:
         next_hop = StageClient(options.next_address, peer=f"stage-{options.stage_index + 1}",
-                               dialer=security.dialer())
+                               dialer=security.dialer(), transport=options.transport)
         lifecycle.on_shutdown(next_hop.close)
     servicer = StageServicer(None, next_hop)
-    stage_pb2_grpc.add_StageServiceServicer_to_server(servicer, lifecycle.server)
+    add_to_server(servicer, lifecycle.server)
     await lifecycle.start()  # health answers NOT_SERVING while the weights load
     runner = await asyncio.to_thread(_load, options)
     lifecycle.on_shutdown(_closer(runner))
@@ -92,6 +92,7 @@ async def serve(options: StageOptions) -> None:
     log_event("warmed_up", name=name, blocks=f"{options.blocks[0]}:{options.blocks[1]}",
               seconds=round(seconds, 4), next=options.next_address or "-")
     if next_hop is not None:
+        next_hop.slot_bytes = runner.max_output_bytes()  # a slot holds the largest output
         next_hop.start()  # connect early; the stream reconnects by itself if it fails
     servicer.runner = runner
     servicer.serving = True

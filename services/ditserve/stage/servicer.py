@@ -34,8 +34,11 @@ from ditserve.wire import (
     Microbatch,
     WireError,
     WireProtocolError,
-    encode_frames,
+    lean_frames,
+    parse_request,
+    serialize,
 )
+from ditserve.wire.shm import ShmUnavailable, ShmView
 
 from . import metrics
 from .client import DESCRIBE_HOP_MARGIN_S, DESCRIBE_TIMEOUT_S, StageClient, info_from_description
@@ -97,6 +100,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             reader.cancel()
             expiry.cancel()
             assembler.close()
+            if assembler.slots is not None:
+                assembler.slots.close()  # the ring was unlinked when mapped: now it is gone
         if (violation := reader.result()) is not None:
             log_event("stream_refused", level=logging.WARNING, peer=context.peer(),
                       message=violation)
@@ -120,6 +125,10 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         violation = None
         try:
             async for frame in request_iterator:
+                if frame.HasField("shm_offer"):
+                    replies.put_nowait(self._answer_offer(frame.shm_offer, assembler))
+                    continue
+                slot = frame.shm_slot if frame.tensors else 0
                 try:
                     microbatch = assembler.add(frame)
                 except WireProtocolError as error:
@@ -128,6 +137,10 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 except WireError as error:
                     self._reply_error(replies, error.microbatch_id or 0, error.to_service_error())
                     continue
+                finally:
+                    if slot and assembler.slots is not None:  # copied out (or refused): free
+                        replies.put_nowait(stage_pb2.ForwardResponse(
+                            microbatch_id=frame.microbatch_id, shm_released_slot=slot))
                 if microbatch is not None:
                     task = asyncio.create_task(self._handle(microbatch, assembler, replies,
                                                             stream))
@@ -148,6 +161,22 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 task.cancel()
             replies.put_nowait(_END)
         return violation
+
+    def _answer_offer(self, offer: Any, assembler: FrameAssembler) -> stage_pb2.ForwardResponse:
+        """Maps the caller's ring if this process shares its memory (wire/shm.py)."""
+        if assembler.slots is not None:
+            reason = "this stream has a ring already"
+        else:
+            try:
+                assembler.slots = ShmView(offer.segment, offer.token, offer.slot_bytes,
+                                          offer.slots)
+                reason = ""
+            except ShmUnavailable as error:
+                reason = str(error)
+        if reason:
+            log_event("shm_refused", level=logging.INFO, reason=reason)
+        return stage_pb2.ForwardResponse(microbatch_id=0, shm_answer=stage_pb2.ShmAnswer(
+            accepted=not reason, reason=reason))
 
     async def _expire(self, assembler: FrameAssembler, replies: asyncio.Queue) -> None:
         """Fails microbatches whose bytes stopped arriving, so they free their buffers."""
@@ -204,8 +233,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         if self.next_hop is not None:
             reply, later = await self.next_hop.call(outputs, request_ids)
             outputs, compute_seconds = list(reply.items()), [seconds, *later]
-        frames = encode_frames(stage_pb2.ForwardResponse, microbatch.id, outputs,
-                               compute_seconds=compute_seconds)
+        frames = lean_frames(stage_pb2.ForwardResponse, microbatch.id, outputs,
+                             compute_seconds=compute_seconds)
         WIRE_BYTES.labels("tx", "upstream").inc(frames[0].payload_bytes)
         return frames
 
@@ -239,3 +268,18 @@ def _hop_timeout(context: Any) -> float:
     if left is None:
         return DESCRIBE_TIMEOUT_S
     return max(0.1, min(DESCRIBE_TIMEOUT_S, left - DESCRIBE_HOP_MARGIN_S))
+
+
+def add_to_server(servicer: StageServicer, server: grpc.aio.Server) -> None:
+    """Registers the StageService with the lean Forward (de)serializers (wire/lean.py):
+    the same protobuf messages on the wire, without copying payloads through protobuf."""
+    handlers = {
+        "Forward": grpc.stream_stream_rpc_method_handler(
+            servicer.Forward, request_deserializer=parse_request,
+            response_serializer=serialize),
+        "DescribeChain": grpc.unary_unary_rpc_method_handler(
+            servicer.DescribeChain,
+            request_deserializer=stage_pb2.DescribeChainRequest.FromString,
+            response_serializer=stage_pb2.DescribeChainResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "dit.v1.StageService", handlers),))
