@@ -145,7 +145,7 @@ async def _ditserve_cells(s: Settings, address: str, transport: str, stages: int
                                                _calls(s, nbytes), k)
                 cells.append(_cell(f"ditserve {transport}", stages, n, k, nbytes, latencies,
                                    wall, hops=stages))
-        cells[0]["negotiated"] = getattr(client, "negotiated", transport)
+        cells[0]["negotiated"] = client.negotiated
     finally:
         await client.close()
     return cells

@@ -21,8 +21,8 @@ from ditserve.common.status import CommandError
 
 HELP = "Run a benchmark scenario; write <scenario>.json and <scenario>.md."
 
-SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "hop", "memory", "gpu",
-             "forward", "gateway", "tls", "soak", "transport")
+SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "transport", "memory",
+             "gpu", "forward", "gateway", "tls", "soak")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
