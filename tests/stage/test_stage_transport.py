@@ -103,4 +103,4 @@ def test_no_segment_survives_a_killed_stage_or_a_stopped_chain(launcher, tiny_ch
     chain[0].proc.wait()
     for stage in chain[1:]:
         stage.terminate()
-    assert _segments(pids + [chain[1].pid]) == []
+    assert _segments([*pids, chain[1].pid]) == []

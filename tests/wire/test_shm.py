@@ -9,6 +9,7 @@ import torch
 from ditserve.wire import FrameAssembler, WireError, encode_frames, lean_frames, parse_request, serialize
 from ditserve.wire.shm import ShmRing, ShmUnavailable, ShmView
 from ditserve_client.proto.dit.v1 import stage_pb2
+from google.protobuf.message import DecodeError
 
 Request = stage_pb2.ForwardRequest
 
@@ -33,9 +34,10 @@ def test_lean_frames_are_the_generated_messages_and_parse_back_to_the_tensors():
         assert torch.equal(done.tensors[name], tensor)
 
 
-@pytest.mark.parametrize("data", [b"\x22\x10abc", b"\x08", b"\x0b", b"\x22\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"])
+@pytest.mark.parametrize("data", [b"\x22\x10abc", b"\x08", b"\x0b",
+                                  b"\x22" + b"\xff" * 10 + b"\x01"])
 def test_lean_parser_refuses_truncated_or_malformed_messages(data):
-    with pytest.raises(Exception):  # noqa: B017  (grpc turns any error into INTERNAL/stream end)
+    with pytest.raises((ValueError, DecodeError)):  # the servicer then ends the stream
         parse_request(data)
 
 
@@ -96,7 +98,7 @@ def test_assembler_copies_a_slot_out_and_checks_it(tmp_path):
         assert torch.equal(done.tensors[name], tensor)
     bad = Request.FromString(serialize(frame))
     bad.microbatch_id, bad.shm_slot = 4, 3
-    with pytest.raises(WireError, match="not in 1..2"):
+    with pytest.raises(WireError, match=r"not in 1\.\.2"):
         assembler.add(parse_request(bad.SerializeToString()))
     ring.close()
     view.close()

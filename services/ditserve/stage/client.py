@@ -35,7 +35,6 @@ from ditserve.common.logs import log_event
 from ditserve.common.metrics import WIRE_BYTES
 from ditserve.common.status import ServiceError, StatusCode
 from ditserve.config import Transport
-from ditserve.config import Transport
 from ditserve.security.tls import Dialer
 from ditserve.wire import (
     CHUNK_BYTES,

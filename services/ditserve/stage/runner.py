@@ -168,8 +168,9 @@ class StageRunner:
             c = inputs["c"].to(self.device, self.dtype)  # (N, D)
         h = self.model.run_blocks(h, c)  # (N, T, D)
         if self.is_last:
-            return [("out", self.model.head(h, c).float().cpu())]  # (N, C_out, L, L)
-        return [("h", h.to(self.wire_torch_dtype).cpu()), ("c", c.to(self.wire_torch_dtype).cpu())]
+            return [("out", _to_host(self.model.head(h, c).float()))]  # (N, C_out, L, L)
+        return [("h", _to_host(h.to(self.wire_torch_dtype))),
+                ("c", _to_host(c.to(self.wire_torch_dtype)))]
 
     def compute_timed(self, inputs: Tensors) -> tuple[list[tuple[str, torch.Tensor]], float]:
         start = time.perf_counter()
@@ -207,6 +208,20 @@ class StageRunner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy in host memory for the wire. On CUDA the copy goes into
+    page-locked memory (torch's caching host allocator reuses it) with non_blocking=True,
+    a DMA that does not stage through pageable memory, and waits for it here, on the
+    compute thread, so the bytes are complete before the loop reads them. (Written for
+    GPU stages; no GPU was available when it was written: it has never run on one.)"""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
 
 
 def _check_holds(model: DiT, blocks: tuple[int, int]) -> None:

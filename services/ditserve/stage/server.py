@@ -17,8 +17,8 @@ from ditserve_client.proto.dit.v1 import stage_pb2
 from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
 from ditserve.config import SecurityConfig, Transport
-from ditserve.model.configs import DiTConfig
 from ditserve.model.checkpoint import CheckpointReader
+from ditserve.model.configs import DiTConfig
 from ditserve.security.service import ServiceSecurity
 
 from .client import StageClient

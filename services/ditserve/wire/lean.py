@@ -43,7 +43,7 @@ class LeanFrame:
             return b"".join(self.parts)
         return getattr(self.header, name)
 
-    def SerializeToString(self) -> bytes:  # noqa: N802 (the protobuf method's name)
+    def SerializeToString(self) -> bytes:
         return serialize(self)
 
 
@@ -51,7 +51,7 @@ class ParsedFrame:
     """A received frame: the message without its chunk, and the chunk as a memoryview of
     the received bytes."""
 
-    __slots__ = ("message", "chunk")
+    __slots__ = ("chunk", "message")
 
     def __init__(self, message: Any, chunk: memoryview):
         self.message, self.chunk = message, chunk

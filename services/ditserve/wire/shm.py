@@ -18,6 +18,7 @@ and offers a fresh one on the next, so no slot the dead reader held is ever reus
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -55,7 +56,7 @@ def segment_bytes(slot_bytes: int, slots: int) -> int:
 class _Slot:
     """One slot taken by the ring's writer for one microbatch."""
 
-    __slots__ = ("ring", "number")
+    __slots__ = ("number", "ring")
 
     def __init__(self, ring: ShmRing, number: int):
         self.ring, self.number = ring, number
@@ -117,18 +118,15 @@ class ShmRing:
 
     def unlink(self) -> None:
         """Removes the name (the memory stays while mapped); safe to repeat."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        except FileNotFoundError:
-            pass
 
     def close(self) -> None:
         """Unlinks and unmaps: the ring is dropped with its stream."""
         self.unlink()
-        try:
+        # A view still exported: the mapping then ends with its last reference.
+        with contextlib.suppress(BufferError, AttributeError):
             self.map.close()
-        except (BufferError, AttributeError):
-            pass  # a slot's view still exported: the mapping ends with its last reference
 
 
 class ShmView:
@@ -161,10 +159,8 @@ class ShmView:
             self.map.close()
             raise ShmUnavailable(f"{path} does not hold the offered token: not the "
                                  "sender's memory")
-        try:
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()  # both ends have mapped it: nothing can outlive them now
-        except FileNotFoundError:
-            pass
         self.slot_bytes, self.slots = slot_bytes, slots
 
     def read(self, number: int, nbytes: int, into: memoryview) -> None:
