@@ -104,3 +104,15 @@ def test_no_segment_survives_a_killed_stage_or_a_stopped_chain(launcher, tiny_ch
     for stage in chain[1:]:
         stage.terminate()
     assert _segments([*pids, chain[1].pid]) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_finite_check_finds_every_nan_and_infinity_and_passes_huge_finite_values(dtype):
+    from ditserve.stage.servicer import all_finite
+
+    big = torch.full((4, 8), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows
+    assert all_finite(torch.randn(3, 16, 8).to(dtype)) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensor = torch.randn(3, 16, 8).to(dtype)
+        tensor[2, 15, 7] = bad
+        assert not all_finite(tensor)

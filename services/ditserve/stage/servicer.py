@@ -216,7 +216,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         except WireError as error:
             raise error.to_service_error() from None
         for name, tensor in inputs.items():  # a NaN would spread through every later block
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise ServiceError(StatusCode.INVALID_ARGUMENT,
                                  f"{self.name}: {name}: activations hold NaN or infinity")
         try:
@@ -259,6 +259,16 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             except ServiceError as error:
                 await context.abort_with_status(to_grpc_status(error))
         return stage_pb2.DescribeChainResponse(stages=stages)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN or infinity. A NaN or an infinity anywhere
+    makes the float32 sum non-finite, so a finite sum proves it in one vectorised pass;
+    only a non-finite sum (a bad tensor, or finite values whose sum overflows) pays for
+    the exact element-wise check. (torch.isfinite(...).all() alone was the largest cost of
+    a CPU hop: ~1.3 ms per 576 KiB of bf16 against ~0.06 ms for the sum.)"""
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=wide))) or bool(torch.isfinite(tensor).all())
 
 
 def _hop_timeout(context: Any) -> float:
