@@ -35,6 +35,7 @@ def test_literal_aliases_name_exactly_what_exists():
 
 @pytest.mark.parametrize(("section", "message"), [
     ({"wire_dtype": "bf8"}, "wire_dtype must be one of 'bf16', 'fp16', 'fp32', got 'bf8'"),
+    ({"transport": "rdma"}, "transport must be one of 'auto', 'grpc', 'shm', got 'rdma'"),
     ({"coordinator": {"default_sampler": "euler"}},
      "coordinator.default_sampler must be one of 'ddpm', 'ddim', 'dpm-solver++'"),
     ({"coordinator": {"max_queued_requests": "64"}},

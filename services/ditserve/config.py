@@ -31,6 +31,8 @@ GenerationMode = Literal["exact", "async"]
 (docs/ARCHITECTURE.md §4, "Modes")."""
 
 WIRE_DTYPES: tuple[WireDtype, ...] = get_args(WireDtype)
+Transport = Literal["auto", "grpc", "shm"]
+TRANSPORTS: tuple[Transport, ...] = get_args(Transport)
 
 
 class ConfigError(UserError, ValueError):
@@ -208,6 +210,12 @@ class PipelineConfig:
     """Activation dtype between stages: "bf16", "fp16" or "fp32"."""
     max_batch_size: int = 32
     """Most rows a stage accepts in one microbatch."""
+    transport: Transport = "auto"
+    """How activations travel from a stage to the next: "auto" (through shared memory when
+    the two share a host and an IPC namespace, which a probe proves when the stream
+    opens; CUDA IPC when both compute on CUDA; else bytes over gRPC), "grpc" (always bytes
+    over gRPC) or "shm" (shared memory or CUDA IPC required: microbatches fail
+    FAILED_PRECONDITION when the probe fails)."""
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     """The coordinator."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

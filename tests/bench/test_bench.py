@@ -10,7 +10,8 @@ import pytest
 import torch
 from ditserve.cli import main
 
-SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "hop", "memory", "forward")
+SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "transport", "memory",
+             "forward")
 
 
 def _bench(scenario: str, out_dir, *extra: str) -> dict:
@@ -65,10 +66,16 @@ def test_wire_bytes_match_theory_plus_conditioning(results):
     assert hop["ratio"] == pytest.approx(1 + 1 / 16, rel=0.02)
 
 
-def test_hop_reports_overhead_without_the_blocks_compute(results):
-    (row,) = results[0]["hop"]["summary"]  # quick: 1 row of DiT-S/2 at latent 8
-    assert row["rows"] == 1 and row["overhead_ms"] > 0 and row["compute_ms"] > 0
-    assert len(results[0]["hop"]["samples"]["1 rows"]["overhead_s"]) == 2
+def test_transport_compares_raw_grpc_each_transport_and_memcpy(results):
+    rows = results[0]["transport"]["summary"]  # quick: DiT-S/2, 1 row, 2 stages
+    paths = {r["path"] for r in rows}
+    assert paths == {"raw grpc.aio bytes", "ditserve grpc", "ditserve shm", "memcpy (torch copy_)"}
+    for row in rows:
+        assert row["gb_per_s"] > 0
+    shm = [r for r in rows if r["path"] == "ditserve shm"]
+    assert shm[0]["negotiated"] == "shm"  # the probe proved the memory shared on one host
+    grpc_rows = [r for r in rows if r["path"] == "ditserve grpc"]
+    assert grpc_rows[0]["negotiated"] == "grpc" and all(r["vs_raw"] for r in grpc_rows)
 
 
 def test_load_reports_utilisation_per_stage_at_each_concurrency(results):

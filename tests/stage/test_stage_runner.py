@@ -113,7 +113,8 @@ def test_a_stage_process_opens_its_checkpoint_once(tiny_checkpoint, monkeypatch)
     args = argparse.Namespace(checkpoint=str(tiny_checkpoint), stage=1, stages=2, listen="l:1",
                               blocks=None, model=None, next=None, device=None, wire_dtype=None,
                               max_batch=None, metrics_port=None, tls_ca=None, tls_cert=None,
-                              tls_key=None, health_listen=None, insecure_plaintext=False)
+                              tls_key=None, health_listen=None, insecure_plaintext=False,
+                              relay=False, transport=None, latent_size=32)
     runner = _load(_from_flags(args))
     runner.close()
     assert opened == [str(tiny_checkpoint)] and (runner.block_start, runner.block_end) == (2, 4)

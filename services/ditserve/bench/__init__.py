@@ -1,6 +1,6 @@
 """`ditserve bench SCENARIO`: reproducible benchmarks of the pipeline (issue 8).
 
-One module per scenario (distribution, throughput, load, peer, wire, hop, memory, gpu,
+One module per scenario (distribution, throughput, load, peer, wire, transport, memory, gpu,
 forward, gateway, tls, soak, bursts, latency), each with a `Settings` dataclass (full and
 `--quick` sizes) and `run(settings) -> Report`. Shared pieces: report.py (statistics, JSON + Markdown, machine
 description), procs.py (stage processes on loopback, through common/process.py),

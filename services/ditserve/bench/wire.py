@@ -5,10 +5,10 @@
    is read from its metrics endpoint, and compared with the theoretical (S−1)·T·D·2 bytes
    per row (bf16 tokens h; the conditioning c adds (S−1)·D·2). An image with guidance is 2
    rows.
-2. Codec: one activation (N, T, D) bf16 through the real send path (`encode_frames` into
-   ~1 MiB ForwardRequest frames, then protobuf serialisation) and receive path (parse,
-   `FrameAssembler` into one buffer, tensor view), against a plain tensor copy of the same
-   bytes; variants alternated.
+2. Codec: one activation (N, T, D) bf16 through the real send path (`lean_frames` into
+   ~1 MiB ForwardRequest frames, serialised with one join, wire/lean.py) and receive path
+   (lean parse, `FrameAssembler` into one buffer, tensor view), against a plain tensor
+   copy of the same bytes; variants alternated.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from ditserve_client.proto.dit.v1 import stage_pb2
 
-from ditserve.wire import FrameAssembler, encode_frames
+from ditserve.wire import FrameAssembler, lean_frames, parse_request, serialize
 
 from .chains import forward, guided_labels, open_variants
 from .procs import metric
@@ -95,11 +95,11 @@ def _bytes_row(stages: int, sent: list[float], cfg, s: Settings) -> dict:
 def _codec(s: Settings) -> tuple[list[dict], dict]:
     h = torch.randn(*s.codec_shape).to(torch.bfloat16)
     nbytes = h.numel() * h.element_size()
-    wire = [f.SerializeToString() for f in encode_frames(stage_pb2.ForwardRequest, 1, [("h", h)])]
+    wire = [serialize(f) for f in lean_frames(stage_pb2.ForwardRequest, 1, [("h", h)])]
     target = torch.empty_like(h)
     raw = memoryview(h.view(torch.uint8).numpy())
     ops = {"encode (frames + serialise)": lambda: [
-               f.SerializeToString() for f in encode_frames(stage_pb2.ForwardRequest, 1, [("h", h)])],
+               serialize(f) for f in lean_frames(stage_pb2.ForwardRequest, 1, [("h", h)])],
            "decode (parse + assemble)": lambda: _decode(wire),
            "plain tensor copy (torch copy_)": lambda: target.copy_(h),
            "plain memcpy (bytes of the tensor)": lambda: bytes(raw)}
@@ -120,7 +120,7 @@ def _codec(s: Settings) -> tuple[list[dict], dict]:
 def _decode(wire: list[bytes]) -> torch.Tensor:
     assembler = FrameAssembler(max_payload_bytes=1 << 40)
     for data in wire:
-        done = assembler.add(stage_pb2.ForwardRequest.FromString(data))
+        done = assembler.add(parse_request(data))
     return done.tensors["h"]
 
 

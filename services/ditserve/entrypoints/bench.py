@@ -7,7 +7,7 @@
     ditserve bench latency                      # one request: exact vs async mode
     ditserve bench latency --set quality=true   # async's quality table on the demo model
 
-Scenarios: distribution, throughput, load, peer, wire, hop, memory, gpu, forward,
+Scenarios: distribution, throughput, load, peer, wire, transport, memory, gpu, forward,
 gateway, tls, soak, bursts, latency (ditserve.bench).
 `--set FIELD=VALUE` overrides any field of the scenario's Settings (lists comma-separated).
 """
@@ -24,8 +24,8 @@ from ditserve.common.status import CommandError
 
 HELP = "Run a benchmark scenario; write <scenario>.json and <scenario>.md."
 
-SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "hop", "memory", "gpu",
-             "forward", "gateway", "tls", "soak", "bursts", "latency")
+SCENARIOS = ("distribution", "throughput", "load", "peer", "wire", "transport", "memory",
+             "gpu", "forward", "gateway", "tls", "soak", "bursts", "latency")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

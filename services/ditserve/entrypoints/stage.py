@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import get_args
 
 from ditserve.common.status import CommandError
-from ditserve.config import WireDtype
+from ditserve.config import TRANSPORTS, WireDtype
 from ditserve.security.flags import add_arguments as add_security_arguments
 from ditserve.security.flags import security_from
 
@@ -37,6 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, help="most rows per microbatch (default 32)")
     parser.add_argument("--metrics-port", type=int, help="port of the Prometheus endpoint")
     parser.add_argument("--threads", type=int, help="torch CPU threads for compute")
+    parser.add_argument("--transport", choices=TRANSPORTS,
+                        help="how activations reach the next stage: auto (shared memory when "
+                             "it shares this host, else gRPC bytes; the default), grpc or shm")
+    parser.add_argument("--relay", action="store_true",
+                        help="benchmark only: skip the blocks and pass (h, c) on unchanged "
+                             "(no checkpoint; needs --model; see `ditserve bench transport`)")
+    parser.add_argument("--latent-size", type=int, default=32,
+                        help="with --relay: latent side of the activations (default 32)")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds in-flight calls get to finish on SIGTERM (default 5)")
     add_security_arguments(parser)
@@ -65,9 +73,12 @@ def _from_flags(args: argparse.Namespace):
     from ditserve.model import open_checkpoint, parse_block_range, stage_block_range
     from ditserve.stage.server import StageOptions
 
-    for flag in ("checkpoint", "stage", "stages", "listen"):
+    for flag in ("stage", "stages", "listen") if args.relay else ("checkpoint", "stage",
+                                                                  "stages", "listen"):
         if getattr(args, flag) is None:
             raise CommandError(f"--{flag} is required (or give --config)")
+    if args.relay:
+        return _relay_options(args)
     reader = open_checkpoint(args.checkpoint, args.model)  # opened once: passed on below
     depth = reader.config.depth
     blocks = (parse_block_range(args.blocks, depth) if args.blocks
@@ -76,9 +87,32 @@ def _from_flags(args: argparse.Namespace):
         checkpoint=args.checkpoint, stage_index=args.stage, num_stages=args.stages,
         blocks=blocks, listen=args.listen, next_address=args.next or "", model_name=args.model,
         reader=reader, cuda_graphs=getattr(args, "cuda_graphs", None) is not False,
-        security=security_from(args, SecurityConfig()),
+        security=security_from(args, SecurityConfig()), transport=args.transport or "auto",
         **_device_options(args.device or "cpu", args.wire_dtype or "bf16",
                           args.max_batch or 32, args.metrics_port))
+
+
+def _relay_options(args: argparse.Namespace):
+    """A relay stage's options: a model config instead of weights."""
+    from ditserve.config import SecurityConfig
+    from ditserve.model import dit_config
+    from ditserve.stage.server import StageOptions
+
+    if not args.model:
+        raise CommandError("--relay needs --model (the width of the activations), e.g. DiT-XL/2")
+    if not 0 <= args.stage < args.stages:
+        raise CommandError(f"--stage {args.stage} is not in 0..{args.stages - 1}")
+    try:
+        config = dit_config(args.model, input_size=args.latent_size)
+    except (KeyError, ValueError) as error:
+        raise CommandError(f"--model {args.model}: {error}") from None
+    return StageOptions(
+        checkpoint="", stage_index=args.stage, num_stages=args.stages,
+        blocks=(args.stage, args.stage + 1), listen=args.listen, next_address=args.next or "",
+        model_name=args.model, relay=config, security=security_from(args, SecurityConfig()),
+        transport=args.transport or "auto",
+        **_device_options("cpu", args.wire_dtype or "bf16", args.max_batch or 32,
+                          args.metrics_port))
 
 
 def _from_config(args: argparse.Namespace, env):
@@ -105,6 +139,7 @@ def _from_config(args: argparse.Namespace, env):
         address=stage.address, model_name=config.model.name, reader=reader,
         cuda_graphs=_choose(getattr(args, "cuda_graphs", None), stage.cuda_graphs),
         security=security_from(args, config.security),
+        transport=args.transport or config.transport,
         **_device_options(args.device or stage.device, args.wire_dtype or config.wire_dtype,
                           args.max_batch or config.max_batch_size, args.metrics_port))
 

@@ -34,8 +34,17 @@ from ditserve.common.grpc_options import MAX_MESSAGE_BYTES, channel_options
 from ditserve.common.logs import log_event
 from ditserve.common.metrics import WIRE_BYTES
 from ditserve.common.status import ServiceError, StatusCode
+from ditserve.config import Transport
 from ditserve.security.tls import Dialer
-from ditserve.wire import CHUNK_BYTES, FrameAssembler, WireError, encode_frames
+from ditserve.wire import (
+    CHUNK_BYTES,
+    FrameAssembler,
+    WireError,
+    lean_frames,
+    parse_response,
+    serialize,
+)
+from ditserve.wire.shm import DEFAULT_SLOTS, ShmRing, ShmUnavailable
 
 from .runner import StageDescription
 
@@ -49,6 +58,12 @@ with DESCRIBE_HOP_MARGIN_S less, so that a frozen stage's predecessor answers (n
 it) before the callers upstream give up."""
 DESCRIBE_HOP_MARGIN_S = 0.5
 
+FORWARD_METHOD = "/dit.v1.StageService/Forward"
+DEFAULT_SLOT_BYTES = 48 << 20
+"""Shared-memory slot size when the caller gives none: 64 rows of DiT-XL/2 h at 256 px."""
+NEGOTIATION_WAIT_S = 5.0
+"""How long a call waits for the peer's answer to the stream's shared-memory offer."""
+
 Outputs = dict[str, torch.Tensor]
 
 
@@ -56,12 +71,26 @@ class StageClient:
     """Client of one stage's Forward stream (see the module docstring)."""
 
     def __init__(self, address: str, peer: str = "stage", chunk_bytes: int = CHUNK_BYTES,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, dialer: Dialer | None = None):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, dialer: Dialer | None = None,
+                 transport: Transport = "grpc", slot_bytes: int | None = None,
+                 slots: int = DEFAULT_SLOTS):
+        """`transport` "auto"/"shm" offers a shared-memory ring of `slots` slots of
+        `slot_bytes` (default DEFAULT_SLOT_BYTES) when each stream opens; "grpc" sends
+        every byte over the stream. With "shm" a refused offer fails every call
+        FAILED_PRECONDITION; with "auto" the bytes then go over gRPC."""
         self.address, self.peer, self.chunk_bytes = address, peer, chunk_bytes
+        self.transport, self.slots = transport, slots
+        self.slot_bytes = slot_bytes or DEFAULT_SLOT_BYTES
+        self._ring: ShmRing | None = None  # the current stream's ring, once accepted
+        self._offered: ShmRing | None = None  # offered, not yet answered
+        self._refusal = ""  # why the last offer failed ("" while none did)
+        self._answered = asyncio.Event()  # the offer of the current stream was answered
+        self._slot_of: dict[int, int] = {}  # microbatch id → its ring slot, until released
         self._dialer = dialer or Dialer()  # mTLS under security.tls, else plaintext
         self._options = channel_options(max_message_bytes)
         self._channel = self._dialer.channel(address, self._options)
         self._stub = stage_pb2_grpc.StageServiceStub(self._channel)
+        self._forward = self._lean_forward(self._channel)
         self._ids = itertools.count(1)
         self._inflight: dict[int, asyncio.Future] = {}
         self._send: asyncio.Queue | None = None  # frames of the current stream; None: down
@@ -73,6 +102,7 @@ class StageClient:
     def start(self) -> None:
         """Starts the stream task (called lazily by the first `call`)."""
         if self._task is None:
+            self._answered.clear()
             self._set_queue(asyncio.Queue())  # calls queue here while the stream opens
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -84,10 +114,16 @@ class StageClient:
         if self._closed:
             raise ServiceError(StatusCode.UNAVAILABLE, f"client of {self.address} is closed")
         self.start()
-        queue = await self._queue()
+        await self._queue()
+        await self._negotiated()
+        queue = await self._queue()  # again: the stream may have changed meanwhile
         mb_id = next(self._ids)
-        frames = encode_frames(stage_pb2.ForwardRequest, mb_id, tensors, self.chunk_bytes,
-                               request_ids=list(request_ids), origin=origin)
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+        slot = self._ring.take(nbytes) if self._ring is not None else None
+        frames = lean_frames(stage_pb2.ForwardRequest, mb_id, tensors, self.chunk_bytes,
+                             slot=slot, request_ids=list(request_ids), origin=origin)
+        if slot is not None:
+            self._slot_of[mb_id] = slot.number
         future = asyncio.get_running_loop().create_future()
         self._inflight[mb_id] = future
         for frame in frames:
@@ -97,6 +133,79 @@ class StageClient:
             return await future
         finally:
             self._inflight.pop(mb_id, None)
+
+    @property
+    def negotiated(self) -> str:
+        """The current stream's data path: "shm" (a ring accepted) or "grpc"."""
+        return "shm" if self._ring is not None else "grpc"
+
+    async def _negotiated(self) -> None:
+        """Waits for the answer to this stream's offer; FAILED_PRECONDITION under
+        `transport: shm` when there is no shared memory with the peer."""
+        if self.transport == "grpc":
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._answered.wait(), NEGOTIATION_WAIT_S)
+        if self.transport == "shm" and self._ring is None and self._send is not None:
+            raise ServiceError(StatusCode.FAILED_PRECONDITION, f"transport is shm, but "
+                               f"{self.peer} at {self.address} shares no memory with this "
+                               f"process: {self._refusal or 'no answer to the offer'}")
+
+    @staticmethod
+    def _lean_forward(channel: grpc.aio.Channel):
+        """The Forward method with the lean (de)serializers (wire/lean.py)."""
+        return channel.stream_stream(FORWARD_METHOD, request_serializer=serialize,
+                                     response_deserializer=parse_response)
+
+    def _offer(self, queue: asyncio.Queue) -> None:
+        """Creates this stream's ring and queues the offer, ahead of any microbatch (calls
+        wait for the answer before they encode)."""
+        self._answered.clear()
+        if self.transport == "grpc":
+            self._answered.set()
+            return
+        try:
+            ring = ShmRing(self.slot_bytes, self.slots)
+        except ShmUnavailable as error:
+            self._refusal = str(error)
+            self._answered.set()
+            log_event("shm_unavailable", level=30, peer=self.peer, reason=self._refusal)
+            return
+        self._offered = ring
+        queue.put_nowait(stage_pb2.ForwardRequest(microbatch_id=0, shm_offer=stage_pb2.ShmOffer(
+            segment=ring.name, token=ring.token, slot_bytes=ring.slot_bytes, slots=ring.slots)))
+
+    def _on_answer(self, frame: Any) -> None:
+        """The peer's answer to the offer (an error frame: a peer that predates it)."""
+        ring, self._offered = self._offered, None
+        if ring is None:
+            return
+        if frame.HasField("shm_answer") and frame.shm_answer.accepted:
+            ring.unlink()  # the peer unlinked it already; this covers a peer that did not
+            self._ring, self._refusal = ring, ""
+            log_event("shm_negotiated", peer=self.peer, segment=ring.name,
+                      slots=ring.slots, slot_bytes=ring.slot_bytes)
+        else:
+            ring.close()
+            self._refusal = (frame.shm_answer.reason if frame.HasField("shm_answer")
+                             else f"the peer does not take shared memory ({frame.error.message})")
+            log_event("shm_refused", level=30, peer=self.peer, reason=self._refusal)
+        self._answered.set()
+
+    def _drop_rings(self) -> None:
+        """The stream ended: its ring goes with it (a new stream offers a fresh one), so
+        no slot a dead or departed reader may hold is ever written again."""
+        for ring in (self._ring, self._offered):
+            if ring is not None:
+                ring.close()
+        self._ring = self._offered = None
+        self._slot_of.clear()
+        self._answered.set()  # waiting calls find the stream down and fail UNAVAILABLE
+
+    def _release_slot(self, mb_id: int) -> None:
+        number = self._slot_of.pop(mb_id, None)
+        if number is not None and self._ring is not None:
+            self._ring.give(number)
 
     def _set_queue(self, queue: asyncio.Queue | None) -> None:
         self._send = queue
@@ -136,12 +245,14 @@ class StageClient:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
             await self._redial_if_rotated()
+            self._answered.clear()
             self._set_queue(asyncio.Queue())
 
     async def _stream(self, queue: asyncio.Queue) -> tuple[ServiceError, bool]:
         """Runs one stream until it breaks; returns why (UNAVAILABLE) and whether the peer
         had answered (then the backoff starts afresh)."""
-        call = self._stub.Forward(_drain(queue))
+        self._offer(queue)
+        call = self._forward(_drain(queue))
         assembler = FrameAssembler(max_payload_bytes=1 << 40)
         connected = False
         try:
@@ -155,9 +266,12 @@ class StageClient:
             reason = "stream closed by the peer"
         except grpc.RpcError as rpc_error:
             reason = error_from_rpc(rpc_error).message or "stream failed"
+        except Exception as error:  # a reply that does not parse: the stream is unusable
+            reason = f"unreadable reply: {error!r}"
         finally:
             queue.put_nowait(None)  # ends the request iterator
             call.cancel()
+            self._drop_rings()
         error = ServiceError(StatusCode.UNAVAILABLE, f"{self.peer} at {self.address}: {reason}")
         return error, connected
 
@@ -168,9 +282,17 @@ class StageClient:
         if channel is not None:
             old, self._channel = self._channel, channel
             self._stub = stage_pb2_grpc.StageServiceStub(channel)
+            self._forward = self._lean_forward(channel)
             await old.close()
 
     def _on_frame(self, frame: Any, assembler: FrameAssembler) -> None:
+        if frame.microbatch_id == 0 and self._offered is not None:
+            self._on_answer(frame)
+            return
+        if frame.shm_released_slot:
+            self._release_slot(frame.microbatch_id)
+            return
+        self._release_slot(frame.microbatch_id)  # answered: the reader is done with it
         future = self._inflight.get(frame.microbatch_id)
         if frame.HasField("error"):
             assembler.release(frame.microbatch_id)

@@ -12,6 +12,7 @@ asyncio loop that serves health checks and streams never waits behind a forward 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 from ditserve.config import WireDtype
 from ditserve.model import DiT, load_stage, open_checkpoint
 from ditserve.model.checkpoint import CheckpointReader
+from ditserve.model.configs import DiTConfig
 from ditserve.model.graphs import CudaGraphs, graph_batch_sizes
 from ditserve.wire import DTYPES, WIRE_DTYPE_NAMES, WireError
 from ditserve.wire.codec import NAMES
@@ -106,6 +108,13 @@ class StageRunner:
             return n * (cfg.in_channels * cfg.input_size ** 2 * 8 + 16)
         return n * (cfg.num_tokens + 1) * cfg.hidden_size * self.wire_torch_dtype.itemsize
 
+    def max_output_bytes(self) -> int:
+        """Largest payload this stage sends on: h (N, T, D) and c (N, D) in the wire dtype
+        at max_batch_size rows (the size of the next hop's shared-memory slots)."""
+        cfg = self.config
+        return (self.max_batch_size * (cfg.num_tokens + 1) * cfg.hidden_size
+                * self.wire_torch_dtype.itemsize)
+
     def validate(self, tensors: Tensors) -> Tensors:
         """Checks names, dtypes, shapes and ranges of a request microbatch (WireError)."""
         return self._validate_first(tensors) if self.is_first else self._validate_later(tensors)
@@ -165,8 +174,8 @@ class StageRunner:
                     inputs["c"].to(self.device, self.dtype))  # (N, D)
         outputs = (self.graphs or self._forward)(*args)
         if self.is_last:
-            return [("out", outputs[0].cpu())]
-        return [("h", outputs[0].cpu()), ("c", outputs[1].cpu())]
+            return [("out", _to_host(outputs[0]))]  # (N, C_out, L, L)
+        return [("h", _to_host(outputs[0])), ("c", _to_host(outputs[1]))]
 
     def _forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """On the device: (x, t, y) or (h, c) → (h, c) in the wire dtype, or (out,) FP32
@@ -215,6 +224,20 @@ class StageRunner:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy in host memory for the wire. On CUDA the copy goes into
+    page-locked memory (torch's caching host allocator reuses it) with non_blocking=True,
+    a DMA that does not stage through pageable memory, and waits for it here, on the
+    compute thread, so the bytes are complete before the loop reads them. (Written for
+    GPU stages; no GPU was available when it was written: it has never run on one.)"""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
 def _check_holds(model: DiT, blocks: tuple[int, int]) -> None:
     start, end = blocks
     if start == 0 and not model.has_embedders:
@@ -261,3 +284,42 @@ def _expect_dtype(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ..
     if tensor.dtype not in dtypes:
         allowed = " or ".join(NAMES[d] for d in dtypes)
         raise WireError(f"{name}: datatype {NAMES[tensor.dtype]}, expected {allowed}")
+
+
+class RelayRunner(StageRunner):
+    """Benchmark-only stage that skips its blocks (`ditserve stage --relay`): it takes
+    h (N, T, D) and c (N, D) in the wire dtype at any position, validates them exactly as
+    a later stage does, and passes them on unchanged; the last one replies with c as
+    "out". So `ditserve bench transport` measures the data plane (receive, validate,
+    forward, reply) through the real servicer and client, with no compute in the way."""
+
+    def __init__(self, config: DiTConfig, stage_index: int = 0, num_stages: int = 1,
+                 wire_dtype: WireDtype = "bf16", max_batch_size: int = 32, address: str = ""):
+        self.config = config
+        self.block_start, self.block_end = stage_index, stage_index + 1
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.wire_datatype = WIRE_DTYPE_NAMES[wire_dtype]
+        self.wire_torch_dtype = DTYPES[self.wire_datatype]
+        self.max_batch_size = max_batch_size
+        self.weight_hash, self.address = "relay", address
+        self.device, self.dtype = torch.device("cpu"), self.wire_torch_dtype
+        self._last = stage_index == num_stages - 1
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    @property
+    def is_first(self) -> bool:
+        return False  # a relay takes (h, c) even at position 0
+
+    @property
+    def is_last(self) -> bool:
+        return self._last
+
+    def compute(self, inputs: Tensors) -> list[tuple[str, torch.Tensor]]:
+        if self._last:
+            return [("out", inputs["c"])]  # (N, D): a small reply, as the real one is
+        return [("h", inputs["h"]), ("c", inputs["c"])]
+
+    def describe(self, serving: bool = True) -> StageDescription:
+        return dataclasses.replace(super().describe(serving), block_start=self.stage_index,
+                                   block_end=self.stage_index + 1, depth=self.num_stages,
+                                   device="cpu/relay")

@@ -12,17 +12,18 @@ import asyncio
 from dataclasses import dataclass, field
 
 import torch
-from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
+from ditserve_client.proto.dit.v1 import stage_pb2
 
 from ditserve.common.lifecycle import ServiceLifecycle, run_service
 from ditserve.common.logs import log_event
-from ditserve.config import SecurityConfig
+from ditserve.config import SecurityConfig, Transport
 from ditserve.model.checkpoint import CheckpointReader
+from ditserve.model.configs import DiTConfig
 from ditserve.security.service import ServiceSecurity
 
 from .client import StageClient
-from .runner import StageRunner
-from .servicer import StageServicer
+from .runner import RelayRunner, StageRunner
+from .servicer import StageServicer, add_to_server
 
 SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name
 
@@ -65,6 +66,10 @@ class StageOptions:
     """`checkpoint` already opened (to read its depth), so the file is opened only once."""
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """TLS/mTLS of its port and of the hop to the next stage."""
+    transport: Transport = "auto"
+    """How activations reach the next stage (PipelineConfig.transport)."""
+    relay: DiTConfig | None = None
+    """Benchmark only: serve a RelayRunner of this config (no weights, blocks skipped)."""
 
 
 async def serve(options: StageOptions) -> None:
@@ -78,10 +83,10 @@ async def serve(options: StageOptions) -> None:
     next_hop = None
     if options.next_address:
         next_hop = StageClient(options.next_address, peer=f"stage-{options.stage_index + 1}",
-                               dialer=security.dialer())
+                               dialer=security.dialer(), transport=options.transport)
         lifecycle.on_shutdown(next_hop.close)
     servicer = StageServicer(None, next_hop)
-    stage_pb2_grpc.add_StageServiceServicer_to_server(servicer, lifecycle.server)
+    add_to_server(servicer, lifecycle.server)
     await lifecycle.start()  # health answers NOT_SERVING while the weights load
     runner = await asyncio.to_thread(_load, options)
     lifecycle.on_shutdown(_closer(runner))
@@ -89,6 +94,7 @@ async def serve(options: StageOptions) -> None:
     log_event("warmed_up", name=name, blocks=f"{options.blocks[0]}:{options.blocks[1]}",
               seconds=round(seconds, 4), next=options.next_address or "-")
     if next_hop is not None:
+        next_hop.slot_bytes = runner.max_output_bytes()  # a slot holds the largest output
         next_hop.start()  # connect early; the stream reconnects by itself if it fails
     servicer.runner = runner
     servicer.serving = True
@@ -97,6 +103,10 @@ async def serve(options: StageOptions) -> None:
 
 
 def _load(options: StageOptions) -> StageRunner:
+    if options.relay is not None:
+        return RelayRunner(options.relay, options.stage_index, options.num_stages,
+                           options.wire_dtype, options.max_batch_size,
+                           options.address or options.listen)
     return StageRunner.from_checkpoint(
         options.reader or options.checkpoint, options.blocks, options.model_name,
         options.device, options.dtype,

@@ -38,8 +38,11 @@ from ditserve.wire import (
     Microbatch,
     WireError,
     WireProtocolError,
-    encode_frames,
+    lean_frames,
+    parse_request,
+    serialize,
 )
+from ditserve.wire.shm import ShmUnavailable, ShmView
 
 from . import metrics
 from .client import DESCRIBE_HOP_MARGIN_S, DESCRIBE_TIMEOUT_S, StageClient, info_from_description
@@ -108,6 +111,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             reader.cancel()
             expiry.cancel()
             assembler.close()
+            if assembler.slots is not None:
+                assembler.slots.close()  # the ring was unlinked when mapped: now it is gone
         if (violation := reader.result()) is not None:
             log_event("stream_refused", level=logging.WARNING, peer=context.peer(),
                       message=violation)
@@ -140,6 +145,10 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         violation = None
         try:
             async for frame in request_iterator:
+                if frame.HasField("shm_offer"):
+                    replies.put_nowait(self._answer_offer(frame.shm_offer, assembler))
+                    continue
+                slot = frame.shm_slot if frame.tensors else 0
                 try:
                     microbatch = assembler.add(frame)
                 except WireProtocolError as error:
@@ -148,6 +157,10 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 except WireError as error:
                     self._reply_error(replies, error.microbatch_id or 0, error.to_service_error())
                     continue
+                finally:
+                    if slot and assembler.slots is not None:  # copied out (or refused): free
+                        replies.put_nowait(stage_pb2.ForwardResponse(
+                            microbatch_id=frame.microbatch_id, shm_released_slot=slot))
                 if microbatch is not None:
                     # Stage 0 is where microbatches enter: what they claim is ignored.
                     received = 0 if self.runner.stage_index == 0 else microbatch.first_frame.origin
@@ -176,6 +189,22 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 task.cancel()
             replies.put_nowait(_END)
         return violation
+
+    def _answer_offer(self, offer: Any, assembler: FrameAssembler) -> stage_pb2.ForwardResponse:
+        """Maps the caller's ring if this process shares its memory (wire/shm.py)."""
+        if assembler.slots is not None:
+            reason = "this stream has a ring already"
+        else:
+            try:
+                assembler.slots = ShmView(offer.segment, offer.token, offer.slot_bytes,
+                                          offer.slots)
+                reason = ""
+            except ShmUnavailable as error:
+                reason = str(error)
+        if reason:
+            log_event("shm_refused", level=logging.INFO, reason=reason)
+        return stage_pb2.ForwardResponse(microbatch_id=0, shm_answer=stage_pb2.ShmAnswer(
+            accepted=not reason, reason=reason))
 
     async def _expire(self, assembler: FrameAssembler, replies: asyncio.Queue) -> None:
         """Fails microbatches whose bytes stopped arriving, so they free their buffers."""
@@ -216,7 +245,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         except WireError as error:
             raise error.to_service_error() from None
         for name, tensor in inputs.items():  # a NaN would spread through every later block
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise ServiceError(StatusCode.INVALID_ARGUMENT,
                                  f"{self.name}: {name}: activations hold NaN or infinity")
         try:
@@ -233,8 +262,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         if self.next_hop is not None:
             reply, later = await self.next_hop.call(outputs, request_ids, origin)
             outputs, compute_seconds = list(reply.items()), [seconds, *later]
-        frames = encode_frames(stage_pb2.ForwardResponse, microbatch.id, outputs,
-                               compute_seconds=compute_seconds)
+        frames = lean_frames(stage_pb2.ForwardResponse, microbatch.id, outputs,
+                             compute_seconds=compute_seconds)
         WIRE_BYTES.labels("tx", "upstream").inc(frames[0].payload_bytes)
         return frames
 
@@ -261,6 +290,16 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         return stage_pb2.DescribeChainResponse(stages=stages)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN or infinity. A NaN or an infinity anywhere
+    makes the float32 sum non-finite, so a finite sum proves it in one vectorised pass;
+    only a non-finite sum (a bad tensor, or finite values whose sum overflows) pays for
+    the exact element-wise check. (torch.isfinite(...).all() alone was the largest cost of
+    a CPU hop: ~1.3 ms per 576 KiB of bf16 against ~0.06 ms for the sum.)"""
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=wide))) or bool(torch.isfinite(tensor).all())
+
+
 def _hop_timeout(context: Any) -> float:
     """The next hop's DescribeChain limit: a margin less than this call's own, so that an
     unreachable stage is named by its predecessor before the callers give up."""
@@ -268,3 +307,18 @@ def _hop_timeout(context: Any) -> float:
     if left is None:
         return DESCRIBE_TIMEOUT_S
     return max(0.1, min(DESCRIBE_TIMEOUT_S, left - DESCRIBE_HOP_MARGIN_S))
+
+
+def add_to_server(servicer: StageServicer, server: grpc.aio.Server) -> None:
+    """Registers the StageService with the lean Forward (de)serializers (wire/lean.py):
+    the same protobuf messages on the wire, without copying payloads through protobuf."""
+    handlers = {
+        "Forward": grpc.stream_stream_rpc_method_handler(
+            servicer.Forward, request_deserializer=parse_request,
+            response_serializer=serialize),
+        "DescribeChain": grpc.unary_unary_rpc_method_handler(
+            servicer.DescribeChain,
+            request_deserializer=stage_pb2.DescribeChainRequest.FromString,
+            response_serializer=stage_pb2.DescribeChainResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "dit.v1.StageService", handlers),))

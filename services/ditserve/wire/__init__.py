@@ -10,8 +10,17 @@ from .codec import (
     encode_tensor,
     wire_dtype,
 )
-from .framing import CHUNK_BYTES, ByteBudget, FrameAssembler, Microbatch, encode_frames
+from .framing import (
+    CHUNK_BYTES,
+    ByteBudget,
+    FrameAssembler,
+    Microbatch,
+    encode_frames,
+    lean_frames,
+)
+from .lean import LeanFrame, parse_request, parse_response, serialize
 
 __all__ = ["CHUNK_BYTES", "DTYPES", "WIRE_DTYPE_NAMES", "ByteBudget", "FrameAssembler",
-           "Microbatch", "WireError", "WireOverload", "WireProtocolError", "decode_tensor",
-           "encode_frames", "encode_tensor", "wire_dtype"]
+           "LeanFrame", "Microbatch", "WireError", "WireOverload", "WireProtocolError",
+           "decode_tensor", "encode_frames", "encode_tensor", "lean_frames", "parse_request",
+           "parse_response", "serialize", "wire_dtype"]

@@ -18,11 +18,32 @@ import collections
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .codec import WireError, WireOverload, WireProtocolError, check_spec, decode_tensor, encode_tensor
+from .lean import LeanFrame
+
+
+class SlotWriter(Protocol):
+    """A shared-memory slot taken for one microbatch (wire/shm.py)."""
+
+    number: int
+    """1-based slot number, as the frame names it."""
+
+    def write(self, views: Sequence[memoryview]) -> None:
+        """Copies the views into the slot, back to back."""
+
+
+class SlotReader(Protocol):
+    """The receiving end of a negotiated ring (wire/shm.py)."""
+
+    slots: int
+    slot_bytes: int
+
+    def read(self, number: int, nbytes: int, into: memoryview) -> None:
+        """Copies the first `nbytes` of slot `number` (1-based) into `into`."""
 
 CHUNK_BYTES = 1 << 20
 """Payload bytes per frame."""
@@ -66,19 +87,61 @@ def encode_frames(message_cls: type, microbatch_id: int,
 
 def _chunks(views: list[memoryview], chunk_bytes: int) -> list[bytes]:
     """The concatenation of `views` cut every `chunk_bytes`, joined without a second copy."""
+    return [b"".join(parts) for parts in _cut(views, chunk_bytes)]
+
+
+def _cut(views: list[memoryview], chunk_bytes: int) -> list[list[memoryview]]:
+    """The concatenation of `views` cut every `chunk_bytes`: each chunk as the parts of the
+    views it spans (views, not copies)."""
     chunks, parts, size = [], [], 0
     for view in views:
+        view = view.cast("B")
         start = 0
         while start < view.nbytes:
             take = min(chunk_bytes - size, view.nbytes - start)
             parts.append(view[start:start + take])
             size, start = size + take, start + take
             if size == chunk_bytes:
-                chunks.append(b"".join(parts))
+                chunks.append(parts)
                 parts, size = [], 0
     if parts:
-        chunks.append(b"".join(parts))
+        chunks.append(parts)
     return chunks
+
+
+def _specs(tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[dict], list[memoryview]]:
+    specs, views = [], []
+    for name, tensor in tensors:
+        datatype, shape, raw = encode_tensor(tensor)
+        specs.append({"name": name, "datatype": datatype, "shape": shape})
+        views.append(raw)
+    return specs, views
+
+
+def lean_frames(message_cls: type, microbatch_id: int,
+                tensors: Sequence[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES,
+                slot: SlotWriter | None = None, **first_fields: Any) -> list[LeanFrame]:
+    """The frames of one microbatch as LeanFrames (wire/lean.py): the payload stays in the
+    tensors until gRPC serialises each frame, joined once. With `slot` (a shared-memory
+    slot this stream negotiated) the payload is copied into it instead, and the one frame
+    names the slot."""
+    specs, views = _specs(tensors)
+    total = sum(v.nbytes for v in views)
+    first = message_cls(microbatch_id=microbatch_id, tensors=specs, payload_bytes=total,
+                        **first_fields)
+    if slot is not None:
+        slot.write(views)
+        first.shm_slot = slot.number
+        return [LeanFrame(first)]
+    chunks = _cut(views, chunk_bytes) or [[]]
+    frames, offset = [], 0
+    for i, parts in enumerate(chunks):
+        header = first if i == 0 else message_cls(microbatch_id=microbatch_id)
+        header.offset = offset
+        frame = LeanFrame(header, parts)
+        offset += frame.size
+        frames.append(frame)
+    return frames
 
 
 class ByteBudget:
@@ -141,12 +204,16 @@ class FrameAssembler:
         self._pending: dict[int, _Pending] = {}
         self._busy: dict[int, int] = {}  # id → bytes still charged to the budget
         self._failed: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.slots: SlotReader | None = None
+        """The stream's shared-memory ring, once negotiated (payloads named by slot)."""
 
     def add(self, frame: Any) -> Microbatch | None:
         mb_id = frame.microbatch_id
         try:
             if frame.tensors:
                 self._start(frame)
+                if getattr(frame, "shm_slot", 0):  # requests only: replies come in chunks
+                    return self._from_slot(frame)
             elif mb_id in self._failed:
                 return None
             return self._append(frame)
@@ -196,15 +263,36 @@ class FrameAssembler:
             pending.last_progress = self._clock()
         return self._finish(mb_id) if end == pending.total else None
 
-    def _finish(self, mb_id: int) -> Microbatch:
+    def _from_slot(self, frame: Any) -> Microbatch:
+        """A payload in a shared-memory slot: copied out at once (the sender may not touch
+        it while we validate and compute; the slot is released right after)."""
+        mb_id, pending = frame.microbatch_id, self._pending[frame.microbatch_id]
+        ring = self.slots
+        if ring is None:
+            raise WireError(f"microbatch {mb_id}: names shared-memory slot {frame.shm_slot}, "
+                            "but this stream negotiated none")
+        if not 1 <= frame.shm_slot <= ring.slots:
+            raise WireError(f"microbatch {mb_id}: slot {frame.shm_slot} is not in "
+                            f"1..{ring.slots}")
+        if pending.total > ring.slot_bytes:
+            raise WireError(f"microbatch {mb_id}: payload of {pending.total} bytes exceeds "
+                            f"the slot size {ring.slot_bytes}")
+        self._take(mb_id, pending.total)
+        pending.received = pending.total
+        buffer = bytearray(pending.total)  # the one copy of the payload
+        ring.read(frame.shm_slot, pending.total, memoryview(buffer))
+        return self._finish(mb_id, buffer)
+
+    def _finish(self, mb_id: int, buffer: bytearray | None = None) -> Microbatch:
         pending = self._pending.pop(mb_id)
         self._busy[mb_id] = pending.received
-        buffer = bytearray(pending.total)  # the one copy of the payload
-        offset = 0
-        for chunk in pending.chunks:
-            buffer[offset:offset + len(chunk)] = chunk
-            offset += len(chunk)
-        pending.chunks.clear()
+        if buffer is None:
+            buffer = bytearray(pending.total)  # the one copy of the payload
+            offset = 0
+            for chunk in pending.chunks:
+                buffer[offset:offset + len(chunk)] = chunk
+                offset += len(chunk)
+            pending.chunks.clear()
         view, start, tensors = memoryview(buffer), 0, {}
         for spec in pending.first_frame.tensors:
             size = check_spec(spec.name, spec.datatype, spec.shape)

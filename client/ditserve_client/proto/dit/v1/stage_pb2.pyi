@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "request_ids", "payload_bytes", "origin")
+    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "request_ids", "payload_bytes", "origin", "shm_offer", "shm_slot")
     MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class ForwardRequest(_message.Message):
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFER_FIELD_NUMBER: _ClassVar[int]
+    SHM_SLOT_FIELD_NUMBER: _ClassVar[int]
     microbatch_id: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     offset: int
@@ -24,10 +26,32 @@ class ForwardRequest(_message.Message):
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     payload_bytes: int
     origin: int
-    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., payload_bytes: _Optional[int] = ..., origin: _Optional[int] = ...) -> None: ...
+    shm_offer: ShmOffer
+    shm_slot: int
+    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., payload_bytes: _Optional[int] = ..., origin: _Optional[int] = ..., shm_offer: _Optional[_Union[ShmOffer, _Mapping]] = ..., shm_slot: _Optional[int] = ...) -> None: ...
+
+class ShmOffer(_message.Message):
+    __slots__ = ("segment", "token", "slot_bytes", "slots")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    token: bytes
+    slot_bytes: int
+    slots: int
+    def __init__(self, segment: _Optional[str] = ..., token: _Optional[bytes] = ..., slot_bytes: _Optional[int] = ..., slots: _Optional[int] = ...) -> None: ...
+
+class ShmAnswer(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "error", "compute_seconds", "payload_bytes")
+    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "error", "compute_seconds", "payload_bytes", "shm_answer", "shm_released_slot")
     MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +59,8 @@ class ForwardResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SHM_RELEASED_SLOT_FIELD_NUMBER: _ClassVar[int]
     microbatch_id: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     offset: int
@@ -42,7 +68,9 @@ class ForwardResponse(_message.Message):
     error: _status_pb2.Status
     compute_seconds: _containers.RepeatedScalarFieldContainer[float]
     payload_bytes: int
-    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., compute_seconds: _Optional[_Iterable[float]] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    shm_answer: ShmAnswer
+    shm_released_slot: int
+    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., compute_seconds: _Optional[_Iterable[float]] = ..., payload_bytes: _Optional[int] = ..., shm_answer: _Optional[_Union[ShmAnswer, _Mapping]] = ..., shm_released_slot: _Optional[int] = ...) -> None: ...
 
 class DescribeChainRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,298 @@
+"""The data plane alone: what a stage hop costs when the blocks take no time (issue 13).
+
+S `ditserve stage --relay` processes (blocks skipped: receive, validate, forward, reply;
+the servicer, client and framing are the real ones) are chained on loopback; the
+benchmark sends them h (N, T, D) and c (N, D) in bf16 as a stage would, with 1..k
+microbatches in flight, through each `transport` (grpc: bytes over the stream; shm: the
+bytes through shared memory, the stream carrying only the frame). Beside them in the same
+run: a raw grpc.aio bidi stream of bytes (no protobuf, no ditserve; 1 MiB messages, one
+tiny ack per microbatch; a server process of its own) and a memcpy of the same bytes.
+
+Per hop:
+- added latency = round trip at 1 in flight / S (an S-stage relay chain is S hops that
+  carry h: bench → stage 0 → … → stage S−1; the reply is the small c);
+- throughput = bytes of h × microbatches / wall time: every hop carries every byte, so
+  this is what each hop sustains (with k > 1 microbatches overlapping on the hops).
+The raw stream is one hop, so it compares with S = 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ditserve.common.process import (
+    ServiceProcess,
+    ditserve_argv,
+    free_port,
+    stop_all,
+    thread_env,
+    wait_serving,
+)
+
+from .report import Report, spread
+
+START_TIMEOUT_S = 120.0
+RAW_METHOD = "/ditserve.bench.Raw/Stream"
+RAW_MESSAGE_BYTES = 1 << 20
+"""Message size of the raw stream: the size the issue's raw figures used."""
+
+
+@dataclass
+class Settings:
+    """What `ditserve bench transport` measures."""
+
+    model: str = "DiT-XL/2"
+    """Width of the activations (DiT-XL/2: D = 1152)."""
+    latent_size: int = 32
+    """Latent side: 32 is T = 256 tokens at patch 2 (256 px)."""
+    rows: tuple[int, ...] = (1, 8, 32, 64)
+    """Rows per microbatch: 1 row of XL/2 h is 576 KiB of bf16."""
+    in_flight: tuple[int, ...] = (1, 4)
+    """Microbatches in flight at once."""
+    stage_counts: tuple[int, ...] = (1, 2, 4)
+    """Relay chains measured (1: one hop, the raw stream's peer)."""
+    transports: tuple[str, ...] = ("grpc", "shm")
+    """Data paths measured (the `transport` of the stages and of the bench's client)."""
+    bytes_per_cell: int = 96 << 20
+    """Bytes of h sent per (chain, rows, in-flight) cell: its microbatch count."""
+    min_calls: int = 6
+    """Fewest microbatches per cell, whatever their size."""
+    threads: int = 1
+    """torch threads of every process."""
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(model="DiT-S/2", latent_size=8, rows=(1,), in_flight=(1, 2),
+                   stage_counts=(2,), bytes_per_cell=1 << 20, min_calls=3)
+
+
+def _calls(s: Settings, nbytes: int) -> int:
+    return max(s.min_calls, s.bytes_per_cell // nbytes)
+
+
+# -- the ditserve relay chain --
+
+def _relay_chain(s: Settings, stages: int, transport: str, folder: Path) -> list[ServiceProcess]:
+    ports = [free_port() for _ in range(stages)]
+    processes = []
+    for k, port in enumerate(ports):
+        argv = ["stage", "--relay", "--model", s.model, "--latent-size", str(s.latent_size),
+                "--stage", str(k), "--stages", str(stages), "--listen", f"127.0.0.1:{port}",
+                "--wire-dtype", "bf16", "--max-batch", str(max(s.rows)), "--threads",
+                str(s.threads), "--transport", transport]
+        if k + 1 < stages:
+            argv += ["--next", f"127.0.0.1:{ports[k + 1]}"]
+        processes.append(ServiceProcess(f"relay-{k}", ditserve_argv(*argv),
+                                        f"127.0.0.1:{port}", folder / f"{transport}-{k}.log",
+                                        thread_env(s.threads)))
+    try:
+        for process in processes:
+            process.start()
+        wait_serving(processes, START_TIMEOUT_S)
+    except BaseException:
+        _stop(processes)
+        raise
+    return processes
+
+
+def _stop(processes: list[ServiceProcess]) -> None:
+    stop_all(processes, grace=10.0)
+    for process in processes:
+        process.close()
+
+
+async def _drive(call, calls: int, in_flight: int) -> tuple[list[float], float]:
+    """`calls` awaits of `call()`, `in_flight` at a time: (each round trip, wall s)."""
+    gate = asyncio.Semaphore(in_flight)
+    latencies: list[float] = []
+
+    async def one() -> None:
+        async with gate:
+            began = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - began)
+
+    await call()  # warm-up: connection, first buffers
+    began = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(calls)))
+    return latencies, time.perf_counter() - began
+
+
+async def _ditserve_cells(s: Settings, address: str, transport: str, stages: int,
+                          tokens: int, width: int) -> list[dict]:
+    from ditserve.stage.client import StageClient
+
+    client = StageClient(address, peer="bench", transport=transport)
+    cells = []
+    try:
+        await client.wait_connected(60)
+        for n in s.rows:
+            h = torch.randn(n, tokens, width).bfloat16()
+            c = torch.randn(n, width).bfloat16()
+            for k in s.in_flight:
+                nbytes = h.numel() * 2
+                latencies, wall = await _drive(lambda h=h, c=c: client.call([("h", h), ("c", c)]),
+                                               _calls(s, nbytes), k)
+                cells.append(_cell(f"ditserve {transport}", stages, n, k, nbytes, latencies,
+                                   wall, hops=stages))
+        cells[0]["negotiated"] = client.negotiated
+    finally:
+        await client.close()
+    return cells
+
+
+def _cell(path: str, stages: int, n: int, k: int, nbytes: int, latencies: list[float],
+          wall: float, hops: int) -> dict:
+    return {"path": path, "stages": stages, "rows": n, "in_flight": k,
+            "mib": round(nbytes / 2**20, 2),
+            "hop_ms": round(spread(latencies)["median"] / hops * 1e3, 3) if k == 1 else None,
+            "gb_per_s": round(nbytes * len(latencies) / wall / 1e9, 3),
+            "latencies_s": latencies, "wall_s": wall}
+
+
+# -- the raw grpc.aio stream --
+
+async def _raw_server(address: str) -> None:
+    """Acks every `size` bytes received (the size comes as call metadata)."""
+    import grpc
+
+    from ditserve.common.grpc_options import server_options
+
+    async def stream(requests, context):
+        size = int(dict(context.invocation_metadata())["size"])
+        got = 0
+        async for message in requests:
+            got += len(message)
+            while got >= size:
+                got -= size
+                yield b"k"
+
+    server = grpc.aio.server(options=server_options())
+    handler = grpc.stream_stream_rpc_method_handler(stream)  # bytes in, bytes out
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "ditserve.bench.Raw", {"Stream": handler}),))
+    server.add_insecure_port(address)
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def _raw_cells(s: Settings, address: str, tokens: int, width: int) -> list[dict]:
+    import grpc
+
+    from ditserve.common.grpc_options import channel_options
+
+    cells = []
+    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+        await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT_S)
+        for n in s.rows:
+            nbytes = n * tokens * width * 2
+            payload = os.urandom(nbytes)
+            messages = [payload[i:i + RAW_MESSAGE_BYTES]
+                        for i in range(0, nbytes, RAW_MESSAGE_BYTES)]
+            for k in s.in_flight:
+                call = channel.stream_stream(RAW_METHOD)(metadata=(("size", str(nbytes)),))
+                acks: asyncio.Queue = asyncio.Queue()
+                lock = asyncio.Lock()
+
+                async def reader(call=call, acks=acks) -> None:
+                    async for _ in call:
+                        acks.put_nowait(None)
+
+                async def one(messages=messages, call=call, acks=acks, lock=lock) -> None:
+                    async with lock:  # one microbatch's messages are not interleaved
+                        for message in messages:
+                            await call.write(message)
+                    await acks.get()  # acks come in order, one per microbatch
+
+                reading = asyncio.create_task(reader())
+                latencies, wall = await _drive(one, _calls(s, nbytes), k)
+                await call.done_writing()
+                await reading
+                cells.append(_cell("raw grpc.aio bytes", 1, n, k, nbytes, latencies, wall, 1))
+    return cells
+
+
+def _memcpy_cells(s: Settings, tokens: int, width: int) -> list[dict]:
+    cells = []
+    for n in s.rows:
+        h = torch.randn(n, tokens, width).bfloat16()
+        target = torch.empty_like(h)
+        times = []
+        for _ in range(max(s.min_calls, 10)):
+            began = time.perf_counter()
+            target.copy_(h)
+            times.append(time.perf_counter() - began)
+        nbytes = h.numel() * 2
+        cells.append({"path": "memcpy (torch copy_)", "stages": None, "rows": n,
+                      "in_flight": None, "mib": round(nbytes / 2**20, 2),
+                      "hop_ms": round(spread(times)["median"] * 1e3, 3),
+                      "gb_per_s": round(nbytes / spread(times)["median"] / 1e9, 3),
+                      "latencies_s": times})
+    return cells
+
+
+def run(s: Settings) -> Report:
+    from ditserve.model import dit_config
+
+    torch.set_num_threads(s.threads)
+    config = dit_config(s.model, input_size=s.latent_size)
+    tokens, width = config.num_tokens, config.hidden_size
+    cells: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="ditserve-bench-") as folder:
+        raw_address = f"127.0.0.1:{free_port()}"
+        raw = subprocess.Popen([sys.executable, "-m", "ditserve.bench.transport", raw_address],
+                               env={**os.environ, **thread_env(s.threads)})
+        try:
+            cells += asyncio.run(_raw_cells(s, raw_address, tokens, width))
+        finally:
+            raw.terminate()
+            raw.wait(10)
+        for transport in s.transports:
+            for stages in s.stage_counts:
+                chain = _relay_chain(s, stages, transport, Path(folder))
+                try:
+                    cells += asyncio.run(_ditserve_cells(s, chain[0].address, transport,
+                                                         stages, tokens, width))
+                finally:
+                    _stop(chain)
+    cells += _memcpy_cells(s, tokens, width)
+    _ratios(cells)
+    samples = {f"{c['path']} S={c['stages']} N={c['rows']} k={c['in_flight']}":
+               {"latencies_s": c.pop("latencies_s"), "wall_s": c.pop("wall_s", None)}
+               for c in cells}
+    notes = [f"Relay stages ({s.model} width: T={tokens}, D={width}, h bf16; blocks skipped), "
+             f"{s.threads} torch thread per process, on loopback; every stage and the bench "
+             "client use the row's transport (shm: negotiated per stream by a probe).",
+             "hop ms = median round trip at 1 in flight / S (the hops in series that carry h); "
+             "GB/s = bytes of h × microbatches / wall: what each hop sustains.",
+             f"Raw: a grpc.aio bidi stream of {RAW_MESSAGE_BYTES >> 20} MiB bytes messages "
+             "(no protobuf), one 1-byte ack per microbatch, server in its own process: one hop.",
+             "vs raw = this row's GB/s / the raw stream's GB/s at the same rows and in-flight; "
+             "measured in the same run, variants one after another."]
+    columns = [("path", "path"), ("stages", "S"), ("rows", "rows"), ("mib", "MiB of h"),
+               ("in_flight", "in flight"), ("hop_ms", "added ms per hop"),
+               ("gb_per_s", "GB/s per hop"), ("vs_raw", "vs raw")]
+    return Report("transport", cells, columns, samples, notes, asdict(s))
+
+
+def _ratios(cells: list[dict]) -> None:
+    raw = {(c["rows"], c["in_flight"]): c["gb_per_s"] for c in cells
+           if c["path"].startswith("raw")}
+    for cell in cells:
+        base = raw.get((cell["rows"], cell["in_flight"]))
+        cell["vs_raw"] = round(cell["gb_per_s"] / base, 2) if base else None
+
+
+if __name__ == "__main__":  # the raw stream's server process
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_raw_server(sys.argv[1]))

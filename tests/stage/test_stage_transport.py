@@ -1,0 +1,118 @@
+"""The data plane between real stage processes: shared memory negotiated by the probe
+carries exactly the bytes gRPC would, `transport: shm` refuses to fall back, and no
+/dev/shm segment survives a stopped chain or a SIGKILLed stage.
+
+Two 3-stage bf16 chains of the tiny model (auto, grpc) and one 2-stage auto chain to kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from ditserve.chain import RemoteChain
+from ditserve.common.status import ServiceError, StatusCode
+from ditserve.stage import client as client_module
+from ditserve.stage.client import StageClient
+from ditserve.wire.shm import SHM_DIR, ShmRing
+
+pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm on this machine")
+
+
+def _segments(pids: list[int]) -> list[Path]:
+    """ditserve segments created by these processes (others' tests may run beside)."""
+    return [p for pid in pids for p in SHM_DIR.glob(f"ditserve-{pid}-*")]
+
+
+def _inputs(n: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(n)
+    return (torch.randn(n, 4, 8, 8, generator=gen), torch.randint(0, 1000, (n,), generator=gen),
+            torch.randint(0, 10, (n,), generator=gen))
+
+
+async def _forward(address: str, calls: int = 3) -> list[torch.Tensor]:
+    chain = RemoteChain(address)
+    try:
+        await chain.wait_connected(30)
+        x, t, y = _inputs()
+        outs = await asyncio.gather(*(chain.forward(x, t, y) for _ in range(calls)))
+        return [o.out for o in outs]
+    finally:
+        await chain.close()
+
+
+@pytest.fixture(scope="module")
+def chains(launcher, tiny_checkpoint):
+    auto = launcher.start_chain(tiny_checkpoint, 3, "bf16", extra=["--transport", "auto"])
+    grpc = launcher.start_chain(tiny_checkpoint, 3, "bf16", extra=["--transport", "grpc"])
+    return auto, grpc
+
+
+def test_shared_memory_carries_the_same_bytes_as_grpc(chains):
+    auto, grpc = chains
+    by_shm, by_grpc = asyncio.run(_forward(auto[0].address)), asyncio.run(_forward(grpc[0].address))
+    for a, b in zip(by_shm, by_grpc, strict=True):
+        assert torch.equal(a, b)  # the same bytes through another path: bit-identical
+    for stage in auto[:2]:  # each stage with a next hop negotiated shm, probe and all
+        assert "event=shm_negotiated" in stage.log()
+    assert not any("shm_negotiated" in stage.log() for stage in grpc)
+
+
+def test_shm_transport_refuses_a_peer_that_shares_no_memory(chains, tmp_path, monkeypatch):
+    auto, _ = chains
+    # The ring lives in a folder the stage never looks in: as on another host.
+    monkeypatch.setattr(client_module, "ShmRing", functools.partial(ShmRing, directory=tmp_path))
+    x, t, y = _inputs(1)
+
+    async def call(transport: str):
+        client = StageClient(auto[0].address, peer="stage-0", transport=transport)
+        try:
+            await client.wait_connected(30)
+            out = await client.call([("x", x), ("t", t), ("y", y)])
+            return out, client.negotiated
+        finally:
+            await client.close()
+
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(call("shm"))
+    assert refused.value.code == StatusCode.FAILED_PRECONDITION
+    assert "shares no memory" in refused.value.message and "cannot open" in refused.value.message
+    (outputs, _), negotiated = asyncio.run(call("auto"))  # auto: the bytes go over gRPC
+    assert negotiated == "grpc" and outputs["out"].shape[0] == 1
+    assert not list(tmp_path.iterdir())  # the refused ring was unlinked by its writer
+
+
+def test_no_segment_survives_a_killed_stage_or_a_stopped_chain(launcher, tiny_checkpoint):
+    chain = launcher.start_chain(tiny_checkpoint, 2, "bf16", extra=["--transport", "shm"])
+    pids = [stage.pid for stage in chain]
+    assert len(asyncio.run(_forward(chain[0].address))) == 3
+    assert _segments(pids) == []  # unlinked as soon as both ends mapped it
+    os.kill(chain[1].pid, signal.SIGKILL)  # the reader dies with the ring mapped
+    chain[1].proc.wait()
+    assert _segments(pids) == []
+    chain[1].start()  # back: stage 0 offers a fresh ring on the new stream
+    chain[1].wait_healthy()
+    assert len(asyncio.run(_forward(chain[0].address))) == 3
+    assert chain[0].log().count("event=shm_negotiated") >= 2
+    os.kill(chain[0].pid, signal.SIGKILL)  # now the writer
+    chain[0].proc.wait()
+    for stage in chain[1:]:
+        stage.terminate()
+    assert _segments([*pids, chain[1].pid]) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_finite_check_finds_every_nan_and_infinity_and_passes_huge_finite_values(dtype):
+    from ditserve.stage.servicer import all_finite
+
+    big = torch.full((4, 8), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows
+    assert all_finite(torch.randn(3, 16, 8).to(dtype)) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensor = torch.randn(3, 16, 8).to(dtype)
+        tensor[2, 15, 7] = bad
+        assert not all_finite(tensor)
