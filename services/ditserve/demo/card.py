@@ -109,7 +109,8 @@ def write_card(path: Path, stats: dict, out: Path, dit_cfg: DiTConfig) -> None:
     vae_cfg = json.loads((out / "vae" / "config.json").read_text())
     vae_cfg["block_out_channels"] = tuple(vae_cfg["block_out_channels"])
     path.write_text(CARD.format(
-        vae_cfg=vae_cfg, dit=dit_cfg, tokens=(dit_cfg.input_size // dit_cfg.patch_size) ** 2,
+        vae_cfg=vae_cfg, down=2 ** (len(vae_cfg["block_out_channels"]) - 1),
+        latent=dit_cfg.input_size, dit=dit_cfg, tokens=(dit_cfg.input_size // dit_cfg.patch_size) ** 2,
         classes=", ".join(CLASS_NAMES), plan=plan, stats=stats, overall=overall,
         per_class=per_class, sizes=sizes, mse=losses["mse"], vb=losses["vb"],
         minutes=stats["train_s"] / 60, vae_min=stats["vae_s"] / 60,
@@ -158,7 +159,8 @@ training images, class-balanced. Classes (label order): {classes}.
 ## Models
 - VAE: diffusers `AutoencoderKL`, block_out_channels {vae_cfg[block_out_channels]},
   layers_per_block {vae_cfg[layers_per_block]}, norm_num_groups {vae_cfg[norm_num_groups]},
-  4 latent channels, ×8 down: 64×64×3 ↔ (4, 8, 8). (With one channel per norm group the
+  {vae_cfg[latent_channels]} latent channels, ×{down} down: 64×64×3 ↔
+  ({vae_cfg[latent_channels]}, {latent}, {latent}). (With one channel per norm group the
   full-resolution GroupNorms erase each image's colours.) Loss: L1 + {plan.vae_edge_weight:g}
   × L1 of the horizontal and vertical pixel differences (the edges that tell the outlines
   apart) + 1e-6·KL; AdamW peak lr {plan.vae_lr:g} (warm-up, cosine decay),
