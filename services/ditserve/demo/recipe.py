@@ -168,7 +168,24 @@ def finish(out: Path, settings: tuple[tuple[str, int, float], ...], per_class: i
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     judges = {name: load_classifier(out / f"{prefix}classifier.safetensors")
               for name, prefix in (("shape", "shape_"), ("colour", ""))}
+    stats["reconstruction"] = judge_reconstructions(vae, judges, stats["plan"]["heldout_images"],
+                                                    stats["seed"])
+    log(f"judges on VAE reconstructions: {stats['reconstruction']['accuracy']}")
     stats["generation"] = evaluate(dit, vae, judges, settings, per_class, stats["seed"], log)
     write_sample_grid(dit, vae, out / "samples.png", stats["seed"], grid_steps)
     (out / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
     write_card(out / "MODEL_CARD.md", stats, out, dit.config)
+
+
+def judge_reconstructions(vae: AutoencoderKL, judges: dict[str, ShapeClassifier], count: int,
+                          seed: int) -> dict:
+    """Each judge's accuracy, overall and per class, on the VAE's reconstructions of `count`
+    held-out drawn images (the seed of the colour judge's held-out set): the most any DiT
+    on this VAE's latents can reach, since it draws through the same decoder."""
+    images, labels = make_dataset(count, seed + 1_000_003)
+    recon = decode(vae, encode(vae, images) * vae.config.scaling_factor)
+    right = {name: predict(judge, recon) == labels for name, judge in judges.items()}
+    return {"images": count,
+            "accuracy": {name: float(ok.mean()) for name, ok in right.items()},
+            "per_class": {name: [float(ok[labels == c].mean()) for c in range(len(CLASS_NAMES))]
+                          for name, ok in right.items()}}
