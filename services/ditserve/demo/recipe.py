@@ -39,7 +39,7 @@ class TrainPlan:
     """Procedural training images (class-balanced)."""
     heldout_images: int = 2000
     """Held-out images for the classifier's accuracy (another seed)."""
-    vae_steps: int = 800
+    vae_steps: int = 500
     """VAE optimiser steps. The VAE is the first bottleneck of recognisable outlines: no DiT
     draws an outline its decoder cannot. The shape judge named 64% of the reconstructions
     of the earlier ×8 VAE (1200 steps, no edge term, radius 11–22 px), 89% of this ×4 VAE's
@@ -53,26 +53,26 @@ class TrainPlan:
     rounded corner costs little plain L1 but is what tells a square from a circle."""
     classifier_steps: int = 400
     """Classifier optimiser steps (batch 64)."""
-    judge_recon_images: int = 3000
+    judge_recon_images: int = 2000
     """Training images whose VAE reconstructions the colour judge also learns from."""
     shape_judge_images: int = 8000
     """Images in random colours the shape judge learns from (its own seed; no VAE
     reconstructions, so that it names only outlines it would name in a drawing)."""
-    shape_judge_steps: int = 1500
+    shape_judge_steps: int = 1000
     """Shape judge optimiser steps (batch 64)."""
-    dit_steps: int = 6000
+    dit_steps: int = 5000
     """DiT optimiser steps."""
     dit_lr: float = 1e-3
     """DiT AdamW peak learning rate (above the reference's 1e-4: the run is short)."""
     dit_batch: int = 64
     """DiT batch size."""
-    dit_finetune_steps: int = 4000
+    dit_finetune_steps: int = 0
     """Second DiT phase, if any: steps from the first phase's (float16) EMA weights, seed + 1."""
     dit_finetune_lr: float = 5e-4
     """Peak learning rate of the second phase (warm-up, then cosine decay)."""
     ema_decay: float = 0.999
     """EMA decay of the shipped DiT weights."""
-    eval_per_class: int = 10
+    eval_per_class: int = 5
     """Generated images per class and sampler setting for the model card."""
     eval_settings: tuple[tuple[str, int, float], ...] = field(default=tuple(
         (sampler, steps, guidance) for sampler, steps in (
@@ -83,6 +83,8 @@ class TrainPlan:
 
 
 FULL = TrainPlan()
+"""The shipped run: sized to train and judge in under an hour on one CPU thread of a
+2-core machine shared with other jobs (the time is in the model card)."""
 QUICK = TrainPlan(train_images=200, heldout_images=100, vae_steps=3, vae_batch=8,
                   classifier_steps=3, judge_recon_images=20, shape_judge_images=100,
                   shape_judge_steps=3, dit_steps=3, dit_batch=16,
