@@ -134,7 +134,10 @@ def _reconstruction(recon: dict) -> str:
 
 
 def _provenance(stats: dict) -> str:
-    """The end of the provenance sentence: whether the shape judge came later."""
+    """The end of the provenance sentence: whether the shape judge came later, or the
+    run's stages ran otherwise than one after another (`note`)."""
+    if "note" in stats:
+        return f". {stats['note']}"
     if "shape_judge_s" not in stats:
         return "."
     return (f", except `shape_classifier.safetensors`: the recipe's shape-judge step (same"
@@ -201,7 +204,7 @@ training images, class-balanced. Classes (label order): {classes}.
 {recon}
 
 Training time: {minutes:.1f} min in all (VAE {vae_min:.1f}, judges {cls_min:.1f},
-DiT {dit_min:.1f}) with {stats[threads]} CPU threads. Files: {sizes}.
+DiT {dit_min:.1f}) with {stats[threads]} CPU thread(s). Files: {sizes}.
 All files come from one run of `ditserve train-demo --out DIR --seed {stats[seed]}`
 (the FULL plan of `ditserve.demo.recipe`){provenance}
 

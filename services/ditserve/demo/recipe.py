@@ -60,7 +60,7 @@ class TrainPlan:
     reconstructions, so that it names only outlines it would name in a drawing)."""
     shape_judge_steps: int = 1000
     """Shape judge optimiser steps (batch 64)."""
-    dit_steps: int = 5000
+    dit_steps: int = 2000
     """DiT optimiser steps."""
     dit_lr: float = 1e-3
     """DiT AdamW peak learning rate (above the reference's 1e-4: the run is short)."""
