@@ -120,3 +120,35 @@ def test_the_stage_serving_gauge_follows_the_chain_without_anyone_asking():
         return seen
 
     assert asyncio.run(main()) == [[1, 1, 1], [1, 0, 1], [1, 1, 1]]
+
+
+def test_the_image_size_follows_the_served_vae(tmp_path):
+    """GetModelInfo's image side is the latent side times the served VAE's down factor:
+    the config's decoder VAE first, then the VAE beside the checkpoint, else SD's ×8."""
+    import json
+
+    from ditserve.coordinator.model_info import VAE_DOWNSCALE, served_vae_downscale
+
+    def vae(folder, blocks):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"block_out_channels": blocks}))
+        return str(folder)
+
+    checkpoint = tmp_path / "model" / "dit.safetensors"
+    vae(checkpoint.parent / "vae", [16, 32, 64])  # shipped beside it: ×4
+    assert served_vae_downscale("", str(checkpoint)) == 4
+    assert served_vae_downscale(vae(tmp_path / "sd", [128, 256, 512, 512]), str(checkpoint)) == 8
+    assert served_vae_downscale(str(tmp_path / "on-another-host"), str(checkpoint)) == 4
+    assert served_vae_downscale(str(tmp_path / "on-another-host")) == VAE_DOWNSCALE
+    assert served_vae_downscale("", str(tmp_path / "x.pt")) == VAE_DOWNSCALE
+
+
+def test_the_demo_model_is_served_as_64_pixel_images():
+    """Whatever the demo VAE's down factor, the demo DiT's latents decode to the 64×64
+    pictures it was trained on."""
+    from ditserve.coordinator.model_info import served_vae_downscale
+    from ditserve.demo.shapes import IMAGE_SIZE
+    from ditserve.model import open_checkpoint
+
+    side = open_checkpoint(DEMO_DIT_PATH).config.input_size
+    assert side * served_vae_downscale("", str(DEMO_DIT_PATH)) == IMAGE_SIZE == 64

@@ -14,14 +14,18 @@ from ditserve.decoder.pairing import (
     check_pairing,
     dit_latent_space,
     own_vae,
+    vae_downscale,
 )
 from ditserve.demo import DEMO_DIT_PATH, DEMO_VAE_PATH
 
 
-def vae_config(folder: Path, channels: int = 4, scaling_factor: float | None = 0.18215) -> Path:
-    """A VAE folder holding only its config.json (all the pairing check reads)."""
+def vae_config(folder: Path, channels: int = 4, scaling_factor: float | None = 0.18215,
+               blocks: tuple[int, ...] = (128, 256, 512, 512)) -> Path:
+    """A VAE folder holding only its config.json (all the pairing check reads); SD's four
+    blocks (×8 down) unless told."""
     folder.mkdir(parents=True)
-    config = {"_class_name": "AutoencoderKL", "latent_channels": channels}
+    config = {"_class_name": "AutoencoderKL", "latent_channels": channels,
+              "block_out_channels": list(blocks)}
     if scaling_factor is not None:
         config["scaling_factor"] = scaling_factor
     (folder / "config.json").write_text(json.dumps(config))
@@ -83,3 +87,30 @@ def test_the_decoder_process_refuses_in_one_line(tmp_path, tiny_checkpoint):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"ditserve decoder: VAE {DEMO_VAE_PATH} does not belong to "
                                   f"the model {model}")
+
+
+def test_the_down_factor_is_read_as_diffusers_builds_the_encoder(tmp_path):
+    """×2 per down block but the last: checked against a real (tiny) AutoencoderKL's
+    latents, and on SD's layout (×8)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    blocks = (8, 8, 8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+                        block_out_channels=blocks, layers_per_block=1)
+    vae.save_pretrained(tmp_path / "tiny")
+    with torch.no_grad():
+        side = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape[-1]
+    assert vae_downscale(tmp_path / "tiny") == 32 // side == 4
+    assert vae_downscale(vae_config(tmp_path / "sd")) == 8
+
+
+def test_an_unreadable_vae_config_is_a_pairing_error(tmp_path):
+    with pytest.raises(VaePairingError, match="cannot read the VAE config"):
+        vae_downscale(tmp_path / "missing")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"block_out_channels": 3}')
+    with pytest.raises(VaePairingError, match="no block_out_channels list"):
+        vae_downscale(tmp_path / "odd")

@@ -22,6 +22,7 @@ from ditserve.chain.base import StageChain
 from ditserve.common.logs import log_event
 from ditserve.common.status import ServiceError
 from ditserve.config import ConfigError, CoordinatorConfig
+from ditserve.decoder.pairing import VaePairingError, own_vae, vae_downscale
 from ditserve.model import DiTConfig
 from ditserve.model.checkpoint import read_class_names
 from ditserve.sampling import SAMPLERS
@@ -32,7 +33,7 @@ from . import metrics
 from .protocol import MODE_ENUMS, SAMPLER_ENUMS
 
 VAE_DOWNSCALE = 8
-"""Image side / latent side of the Stable Diffusion VAE."""
+"""Image side / latent side of the Stable Diffusion VAE (the official DiT checkpoints')."""
 
 
 def class_names(model: DiTConfig, names_file: str = "", checkpoint: str = "") -> list[str]:
@@ -58,14 +59,35 @@ def class_names(model: DiTConfig, names_file: str = "", checkpoint: str = "") ->
     return names
 
 
+def served_vae_downscale(vae: str = "", checkpoint: str = "") -> int:
+    """Image side / latent side of the VAE that decodes the served model, from the first
+    readable of: the config's `decoder.vae` folder; the VAE shipped beside the checkpoint
+    (the demo model's ×4 `weights/vae/`); otherwise Stable Diffusion's ×8 (a decoder on
+    another host, whose folder this process cannot read, is taken to follow the DiT
+    paper's convention)."""
+    folders = [Path(vae)] if vae else []
+    if checkpoint and (shipped := own_vae(checkpoint)) is not None:
+        folders.append(shipped)
+    for folder in folders:
+        try:
+            return vae_downscale(folder)
+        except VaePairingError as error:
+            log_event("vae_downscale_unread", level=logging.WARNING, vae=str(folder),
+                      reason=str(error))
+    return VAE_DOWNSCALE
+
+
 class ModelInfo:
     """Answers GetModelInfo from the model config, the class names and the live chain."""
 
     def __init__(self, model: DiTConfig, chain: StageChain, config: CoordinatorConfig,
                  class_names: list[str], has_decoder: bool = False,
-                 stages: list[StageDescription] | None = None):
+                 stages: list[StageDescription] | None = None,
+                 vae_downscale: int = VAE_DOWNSCALE):
         self.model, self.chain, self.config = model, chain, config
         self.class_names, self.has_decoder = class_names, has_decoder
+        self.vae_downscale = vae_downscale
+        """Image side / latent side of the served VAE (`served_vae_downscale`)."""
         self.known_stages = list(stages or [])
         """The chain as last described (the handshake's at first)."""
 
@@ -74,7 +96,7 @@ class ModelInfo:
         samplers = list(SAMPLERS)
         return coordinator_pb2.GetModelInfoResponse(
             model_name=self.model.name, model_config_json=self.model.to_json(),
-            image_size=self.model.input_size * VAE_DOWNSCALE,
+            image_size=self.model.input_size * self.vae_downscale,
             latent_size=self.model.input_size, latent_channels=self.model.in_channels,
             classes=[coordinator_pb2.ClassInfo(id=i, name=name)
                      for i, name in enumerate(self.class_names)],

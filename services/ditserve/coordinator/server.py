@@ -31,7 +31,7 @@ from ditserve.security.tls import Dialer
 from ditserve.stage.runner import StageDescription
 
 from .engine import Engine
-from .model_info import ModelInfo, class_names, watch_stages
+from .model_info import ModelInfo, class_names, served_vae_downscale, watch_stages
 from .outputs import OutputMaker
 from .servicer import CoordinatorServicer
 
@@ -124,7 +124,9 @@ async def serve(options: CoordinatorOptions) -> None:
     engine = Engine(chain, model, options.config.coordinator, len(stages),
                     OutputMaker(decoder, previews))
     info = ModelInfo(model, chain, options.config.coordinator, names,
-                     has_decoder=decoder is not None, stages=stages)
+                     has_decoder=decoder is not None, stages=stages,
+                     vae_downscale=served_vae_downscale(options.config.decoder.vae,
+                                                        _checkpoint(options)))
     lifecycle = ServiceLifecycle("coordinator", options.listen, [SERVICE_NAME],
                                  options.metrics_port, options.grace, security=_security(options),
                                  max_receive_bytes=options.config.coordinator.max_receive_bytes)

@@ -65,6 +65,20 @@ def vae_latent_space(folder: str | Path) -> LatentSpace:
                        f"VAE {folder}")
 
 
+def vae_downscale(folder: str | Path) -> int:
+    """Image side / latent side of a diffusers AutoencoderKL folder: its encoder halves the
+    side in every down block but the last, one block per entry of `block_out_channels`
+    (diffusers' default when absent: one block, ×1). SD's VAE is ×8; the demo VAE ×4."""
+    path = Path(folder) / "config.json"
+    try:
+        blocks = json.loads(path.read_text()).get("block_out_channels", [64])
+    except (OSError, json.JSONDecodeError) as error:
+        raise VaePairingError(f"cannot read the VAE config {path}: {error}") from None
+    if not isinstance(blocks, list) or not blocks:
+        raise VaePairingError(f"the VAE config {path} has no block_out_channels list")
+    return 2 ** (len(blocks) - 1)
+
+
 def own_vae(checkpoint: str | Path) -> Path | None:
     """The VAE folder shipped with a checkpoint (see the module docstring), if any."""
     path = Path(checkpoint)
