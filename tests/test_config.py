@@ -42,6 +42,8 @@ def test_literal_aliases_name_exactly_what_exists():
      "coordinator.max_queued_requests must be an integer, got '64'"),
     ({"coordinator": {"max_receive_bytes": True}}, "coordinator.max_receive_bytes must be an integer"),
     ({"model": {"name": 3}}, "model.name must be a string or null, got 3"),
+    ({"coordinator": {"async_x0_trend": 1.5}},
+     "coordinator.async_x0_trend must be in 0..1, got 1.5"),
     ({"coordinator": {"default_async_warmup_steps": -1}},
      "coordinator.default_async_warmup_steps must be >= 0, got -1"),
     ({"stages": [{"address": "h:1", "device": None}]}, "stages[0].device must be a string"),

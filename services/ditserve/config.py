@@ -122,6 +122,10 @@ class CoordinatorConfig:
     """Exact steps an async request runs before pipelining starts, when it gives none
     (capped at its step count). 5 keeps the demo model's judge accuracy at exact's level
     (BENCHMARKS.md, "Latency of one request")."""
+    async_x0_trend: float = 0.5
+    """Async mode: how far a stale output's x0 prediction is moved on by its change over
+    the step before, per step of staleness (sampling/stale.py), 0..1: 0 keeps the x0 of
+    the older latents; 1 extrapolates a full step (overshoots on fast solvers)."""
 
     def listen_address(self) -> str:
         return self.listen or f"[::]:{self.address.rsplit(':', 1)[-1]}"
@@ -246,6 +250,9 @@ class PipelineConfig:
         if coordinator.max_receive_bytes < 1024:
             raise ConfigError(f"coordinator.max_receive_bytes must be at least 1024, got "
                               f"{coordinator.max_receive_bytes}")
+        if not 0.0 <= coordinator.async_x0_trend <= 1.0:
+            raise ConfigError(f"coordinator.async_x0_trend must be in 0..1, got "
+                              f"{coordinator.async_x0_trend}")
         if coordinator.default_async_warmup_steps < 0:
             raise ConfigError(f"coordinator.default_async_warmup_steps must be >= 0, got "
                               f"{coordinator.default_async_warmup_steps}")

@@ -17,6 +17,8 @@ from ditserve.coordinator.engine import Engine
 from ditserve.coordinator.outputs import OutputMaker
 from ditserve.coordinator.scheduler import QueueFull
 from ditserve.model import load_dit
+from ditserve.sampling import GaussianDiffusion, apply_guidance, make_sampler
+from ditserve.sampling.stale import X0_TREND
 from ditserve_client.proto.dit.v1 import image_pb2
 from numerics import assert_scaled_close, sampling_bound
 
@@ -451,6 +453,46 @@ def test_async_runs_stale_steps_and_stays_near_exact(model):
     assert torch.equal(all_warmup, exact)
     distance = ((stale - exact).abs().max() / exact.abs().max()).item()
     assert 0 < distance < 0.5
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm-solver++"])
+def test_async_latents_follow_the_schedule_written_out(model, sampler):
+    """The engine's async latents equal the schedule written out by hand: step s uses the
+    model output of x_r, r = max(W, s - D + 1), called at r's timestep, restated for x_s:
+    its x0 prediction moved on by X0_TREND x (s - r) x its change since x_{r-1}'s
+    (docs/ARCHITECTURE.md §4, "Modes")."""
+    steps, warmup, depth, labels = 9, 2, 2, [2, 5]
+
+    async def main():
+        engine, _ = make_engine(model)  # 2 stages, 2 slots: D = 2
+        return await collect(engine, _async(labels, seed=11, warmup=warmup, sampler=sampler,
+                                            steps=steps))
+
+    outcome = run(main())
+    assert outcome.error is None
+    base, n, channels = GaussianDiffusion.create(), len(labels), model.config.in_channels
+    scheduler = make_sampler(sampler, steps)
+    generator = torch.Generator("cpu").manual_seed(11)
+    size = model.config.input_size
+    xs = [torch.randn((n, channels, size, size), generator=generator)]
+    y = torch.tensor(labels + [model.config.num_classes] * n)
+    x0s = {}  # x0 predictions by the step of the latents they were computed for
+    for s in range(steps):
+        r = s if s < warmup else max(warmup, s - depth + 1)
+        t_r, t_s = scheduler.model_timestep(r), scheduler.model_timestep(s)
+        with torch.no_grad():
+            out = model(torch.cat([xs[r], xs[r]]), torch.full((2 * n,), t_r), y)
+        eps = apply_guidance(out[:n], out[n:], 4.0, "first3", channels)
+        x0 = x0s[r] = base.predict_xstart_from_eps(xs[r], torch.full((n,), t_r),
+                                                   eps[:, :channels])
+        if r != s:
+            if r - 1 in x0s:
+                x0 = x0 + X0_TREND * (s - r) * (x0 - x0s[r - 1])
+            eps = torch.cat([base.predict_eps_from_xstart(xs[s], torch.full((n,), t_s), x0),
+                             eps[:, channels:]], dim=1)
+        xs.append(scheduler.step(s, xs[s], eps, generator).prev_sample)
+    assert_scaled_close(outcome.result.latents, xs[-1], sampling_bound(steps, 4.0),
+                        f"async {sampler} vs the schedule written out")
 
 
 def test_async_calls_survive_retries_with_the_same_latents(model):

@@ -10,7 +10,8 @@ time records why; the others still run):
 - forward:   forward ms and MFU at batch 1, 8, 32, 64, eager vs CUDA graphs;
 - pipelines: 1-, 2- and 4-stage pipelines of stage processes on the one device, with
              `transport: grpc` and `transport: shm` (CUDA IPC between CUDA stages): the step
-             latency of one request and images/s at 16 clients;
+             latency of one request (exact, and async mode beside it with 2+ stages)
+             and images/s at 16 clients;
 - diffusers: diffusers' DiTPipeline on the same device at the same settings.
 
 The summary (summary.json) lists every part with "ok", "failed" or "timeout"; the command
@@ -89,6 +90,9 @@ class Settings:
     """Concurrent clients (one image with guidance each: 2 rows) for images/s."""
     steps: int = 20
     """ddim steps per request."""
+    async_warmup_steps: int = 5
+    """Async mode's exact warm-up steps W (the coordinator's default), for the one-request
+    async latency of the 2- and 4-stage pipelines."""
     budgets: dict[str, float] = field(default_factory=lambda: {
         "parity": 45.0, "forward": 90.0, "pipelines": 235.0, "diffusers": 75.0})
     """Seconds each part may take (the whole ≤ 8 min with the install)."""
@@ -96,7 +100,8 @@ class Settings:
     @classmethod
     def quick(cls, device: str = "cpu") -> Settings:
         return cls(device=device, model="DiT-Tiny/2", latent_size=8, batches=(1, 4), repeats=2,
-                   stage_counts=(1, 2), clients=2, steps=2,
+                   stage_counts=(1, 2), clients=2, steps=3,
+                   async_warmup_steps=1,
                    # Limits, not targets: ~30 s in all on 2 idle cores, but a shared machine
                    # at load 20 took 105 s, and `make test` must not fail for that.
                    budgets={"parity": 120.0, "forward": 120.0, "pipelines": 240.0,
@@ -286,6 +291,10 @@ async def _pipeline(s: Settings, config, path: Path, stages: int, transport: str
                 await _requests(chain, config, s, stages, clients, 2)
             one = await _requests(chain, config, s, stages, 1, s.steps)
             many = await _requests(chain, config, s, stages, s.clients, s.steps)
+            # Async mode (one request, every stage on it at once): only worth measuring
+            # with more than one stage.
+            one_async = (await _requests(chain, config, s, stages, 1, s.steps, "async")
+                         if stages > 1 else None)
         finally:
             await chain.close()
     except Exception as error:  # a stage that failed mid-run: its own words, not only gRPC's
@@ -295,8 +304,12 @@ async def _pipeline(s: Settings, config, path: Path, stages: int, transport: str
         stop_all(processes)
         for process in processes:
             process.close()
-    return {"step_ms_one_request": 1e3 * one / s.steps, "images_per_s": s.clients / many,
-            "clients": s.clients, "steps": s.steps}
+    row = {"step_ms_one_request": 1e3 * one / s.steps, "images_per_s": s.clients / many,
+           "clients": s.clients, "steps": s.steps}
+    if one_async is not None:
+        row |= {"step_ms_one_request_async": 1e3 * one_async / s.steps,
+                "async_over_exact": one_async / one}
+    return row
 
 
 def _stage_processes(s: Settings, path: Path, stages: int, transport: str | None,
@@ -328,20 +341,24 @@ def _stage_processes(s: Settings, path: Path, stages: int, transport: str | None
             for k, p in enumerate(ports)]
 
 
-async def _requests(chain, config, s: Settings, stages: int, clients: int, steps: int) -> float:
-    """Wall seconds for `clients` concurrent requests (1 image, guidance 4, ddim `steps`)."""
+async def _requests(chain, config, s: Settings, stages: int, clients: int, steps: int,
+                    mode: str = "exact") -> float:
+    """Wall seconds for `clients` concurrent requests (1 image, guidance 4, ddim `steps`,
+    in `mode`)."""
     from ditserve.config import CoordinatorConfig
     from ditserve.coordinator.engine import Engine
     from ditserve.coordinator.spec import GenerationSpec
 
-    engine = Engine(chain, config, CoordinatorConfig(
+    engine_config = CoordinatorConfig(
         max_rows_per_microbatch=max(2, 2 * clients), max_queued_requests=256,
-        microbatches_in_flight=stages), stages)
+        microbatches_in_flight=stages)
+    engine = Engine(chain, config, engine_config, stages)
 
     async def one(i: int) -> None:
         spec = GenerationSpec(request_id=f"r{i}", labels=(i % config.num_classes,), seed=i,
                               sampler="ddim", num_steps=steps, guidance_scale=4.0,
-                              skip_images=True)
+                              skip_images=True, mode=mode, async_warmup_steps=(
+                                  min(s.async_warmup_steps, steps) if mode == "async" else 0))
         async for _ in engine.submit(spec).events():
             pass
 

@@ -17,6 +17,7 @@ import torch
 
 from ditserve.common.status import ServiceError, StatusCode
 from ditserve.sampling.base import Sampler
+from ditserve.sampling.stale import StaleOutputs
 
 from .spec import GenerationSpec
 
@@ -47,6 +48,18 @@ class Launch:
 
 
 @dataclass
+class Arrival:
+    """An async call's model output, kept until its step is reached."""
+
+    output: torch.Tensor
+    """(rows, C_out, L, L): the model output for `x`."""
+    x: torch.Tensor
+    """(n, C, L, L) float32: the latents the call carried."""
+    source: int
+    """The step of `x`."""
+
+
+@dataclass
 class Pipeline:
     """An async request's pipelining state: plain data, driven by the scheduler."""
 
@@ -54,13 +67,15 @@ class Pipeline:
     """Model calls kept in flight once pipelining runs: the chain's stages (S)."""
     warmup_steps: int
     """Steps before pipelining starts; they run exact, one call at a time."""
+    stale: StaleOutputs
+    """Restates each output for the latents it is used with (sampling/stale.py)."""
     queued: deque[Launch] = field(default_factory=deque)
     """Calls ready to send, in step order (at most `depth`)."""
     in_flight: int = 0
     """Calls on the chain now."""
-    arrived: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Model outputs (rows, C_out, L, L) that came back before the step they are for was
-    reached (a resent call overtaken by a later one), by step; at most `depth`."""
+    arrived: dict[int, Arrival] = field(default_factory=dict)
+    """Outputs of calls that returned, by the step they are for, until that step is reached
+    (at once, unless a resent call was overtaken by a later one); at most `depth`."""
 
 
 @dataclass(eq=False)  # identity: two requests may carry the same client-chosen id

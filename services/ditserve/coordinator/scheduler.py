@@ -32,7 +32,10 @@ on the request at once. Outputs are used by the step they were sent for, never b
 arrival order, so a call resent after a failure cannot change the result: the latents
 depend on the seed, W and D alone. The last D-1 outputs drain as they arrive (no call is
 sent for a step past the end). Every call carries the timestep of the latents it
-carries (module `_launch`): its output is the model's own prediction for those latents.
+carries (module `_launch`): its output is the model's own prediction for those latents,
+and it is restated for the latents it is used with (`sampling.stale.StaleOutputs`: the
+model's x0 prediction moved on by its recent trend, not the stale eps) before the sampler
+steps them.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ from ditserve.common.status import ServiceError, StatusCode
 from ditserve.config import CoordinatorConfig
 from ditserve.model import DiTConfig
 from ditserve.sampling import Sampler, apply_guidance
+from ditserve.sampling.stale import StaleOutputs
 
-from .request import Launch, Pipeline, Request, RequestStatus
+from .request import Arrival, Launch, Pipeline, Request, RequestStatus
 from .spec import GenerationSpec
 
 QUEUE_RETRY_SECONDS = 1.0
@@ -82,6 +86,10 @@ class Microbatch:
     """Row where each request's block starts: its n conditional rows, then n null rows."""
     step: int | None = None
     """An async request's call: the step whose model output this is; None when exact."""
+    source: int | None = None
+    """An async request's call: the step of the latents it carries."""
+    source_x: torch.Tensor | None = None
+    """An async request's call: those latents (n, C, L, L)."""
 
     @property
     def request_ids(self) -> list[str]:
@@ -169,7 +177,9 @@ class Scheduler:
         request = Request.create(spec, self.make_sampler(spec.sampler, spec.num_steps), shape,
                                  now)
         if spec.mode == "async":
-            request.pipeline = Pipeline(self.pipeline_depth, spec.async_warmup_steps)
+            request.pipeline = Pipeline(self.pipeline_depth, spec.async_warmup_steps,
+                                        StaleOutputs(self.model.in_channels,
+                                                     self.config.async_x0_trend))
         self.waiting.append(request)
         return request
 
@@ -245,7 +255,8 @@ class Scheduler:
         self.pipelined.remove(request)
         self.pipelined.append(request)
         microbatch = self._stack([request], x=launch.x, step=launch.source)
-        microbatch.step = launch.step
+        microbatch.step, microbatch.source, microbatch.source_x = (
+            launch.step, launch.source, launch.x)
         return microbatch
 
     def _stack(self, group: list[Request], x: torch.Tensor | None = None,
@@ -289,18 +300,20 @@ class Scheduler:
         request.steps_used += 1
         if request.status is not RequestStatus.RUNNING:  # stopped or failed meanwhile
             return
-        pipeline.arrived[microbatch.step] = out
+        pipeline.arrived[microbatch.step] = Arrival(out, microbatch.source_x, microbatch.source)
         while request.step in pipeline.arrived:
-            if not self._step(request, pipeline.arrived.pop(request.step), now, output):
+            arrival = pipeline.arrived.pop(request.step)
+            if not self._step(request, arrival.output, now, output, arrival):
                 pipeline.arrived.clear()
                 return
             self._queue_launches(request)
 
     def _step(self, request: Request, out: torch.Tensor, now: float,
-              output: SchedulerOutput) -> bool:
+              output: SchedulerOutput, arrival: Arrival | None = None) -> bool:
         """Guidance and one sampler step with the request's rows `out` (rows, C_out, L,
-        L) of the model output; False when the request ended (stopped, non-finite, or
-        denoised: then it is DECODING)."""
+        L) of the model output (of an async call's `arrival`: restated for the request's
+        latents when it was computed for older ones); False when the request ended
+        (stopped, non-finite, or denoised: then it is DECODING)."""
         if (error := request.stop_error(now)) is not None:
             output.finished.append(self._finish(request, error))
             return False
@@ -310,6 +323,10 @@ class Scheduler:
             eps = apply_guidance(eps, out[n:2 * n], spec.guidance_scale,
                                  spec.guidance_channels, self.model.in_channels)
         timestep = request.sampler.model_timestep(request.step)
+        if arrival is not None:
+            eps = request.pipeline.stale.restate(
+                eps, arrival.x, arrival.source, request.sampler.model_timestep(arrival.source),
+                request.x, request.step, timestep)
         stepped = request.sampler.step(request.step, request.x, eps, request.generator)
         # One float instead of an elementwise test (7 vs 40 us here): the sum is NaN or
         # infinite when an element is, or when the latents near float32's limit anyway.
