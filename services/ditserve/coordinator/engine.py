@@ -71,13 +71,17 @@ class RequestHandle:
         notices (a Progress with `waiting_on`) come as soon as they are sent, also while
         the stream itself waits on a step or on the decoder."""
         while True:
-            getter = asyncio.ensure_future(self._stream.get())
-            try:
-                async for notice in self._notices_until(getter):
-                    yield notice
-            finally:
-                getter.cancel()  # a reader gone mid-wait must not swallow a later item
-            if (item := getter.result()) is None:
+            if not self._stream.empty():  # the common case: no task, no wait
+                item = self._stream.get_nowait()
+            else:
+                getter = asyncio.ensure_future(self._stream.get())
+                try:
+                    async for notice in self._notices_until(getter):
+                        yield notice
+                finally:
+                    getter.cancel()  # a reader gone mid-wait must not swallow a later item
+                item = getter.result()
+            if item is None:
                 return
             if isinstance(item, asyncio.Task):
                 # asyncio.wait never cancels `item`: a reader that goes away must not
