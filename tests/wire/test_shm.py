@@ -82,7 +82,7 @@ def test_slots_are_never_handed_out_twice_until_released(tmp_path):
     ring.close()
 
 
-def test_assembler_copies_a_slot_out_and_checks_it(tmp_path):
+def test_assembler_views_a_slot_in_place_and_checks_it(tmp_path):
     ring = ShmRing(1 << 16, 2, directory=tmp_path)
     view = ShmView(ring.name, ring.token, 1 << 16, 2, directory=tmp_path)
     tensors = _tensors(2)
@@ -93,9 +93,13 @@ def test_assembler_copies_a_slot_out_and_checks_it(tmp_path):
     assembler = FrameAssembler()
     assembler.slots = view
     done = assembler.add(parse_request(serialize(frame)))
-    ring.map[ring.offset(frame.shm_slot):ring.offset(frame.shm_slot) + 64] = bytes(64)
-    for name, tensor in tensors:  # a copy: later writes to the slot change nothing
+    for name, tensor in tensors:
         assert torch.equal(done.tensors[name], tensor)
+    # No copy: the tensors are the slot's bytes (so the sender must, and does, leave the
+    # slot alone until the microbatch is answered: test_stage_transport).
+    first = tensors[0][0]
+    ring.map[ring.offset(frame.shm_slot):ring.offset(frame.shm_slot) + 64] = bytes(64)
+    assert not torch.equal(done.tensors[first], tensors[0][1])
     bad = Request.FromString(serialize(frame))
     bad.microbatch_id, bad.shm_slot = 4, 3
     with pytest.raises(WireError, match=r"not in 1\.\.2"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import get_args
 
@@ -91,10 +92,13 @@ def encode_tensor(tensor: torch.Tensor) -> tuple[str, list[int], memoryview]:
 
 
 def decode_tensor(datatype: str, shape: Sequence[int], data: bytes | bytearray | memoryview,
-                  name: str = "tensor") -> torch.Tensor:
+                  name: str = "tensor", read_only_ok: bool = False) -> torch.Tensor:
     """A tensor viewing `data` (no copy when the data is aligned, one copy otherwise).
 
-    The tensor shares memory with `data`: keep it alive and do not reuse the buffer."""
+    The tensor shares memory with `data`: keep it alive and do not reuse the buffer.
+    `read_only_ok`: view read-only data (a received message's bytes) in place too, for a
+    receiver that never writes its inputs (a stage: the model's ops are out of place);
+    otherwise read-only data is copied once."""
     nbytes = check_spec(name, datatype, shape)
     view = memoryview(data).cast("B")
     if view.nbytes != nbytes:
@@ -103,9 +107,14 @@ def decode_tensor(datatype: str, shape: Sequence[int], data: bytes | bytearray |
     dtype = DTYPES[datatype]
     if nbytes == 0:
         return torch.empty(tuple(shape), dtype=dtype)
-    if view.readonly:  # torch.frombuffer wants a writable buffer: copy once
+    if view.readonly and not read_only_ok:  # torch.frombuffer wants a writable buffer
         view = memoryview(bytearray(view))
-    raw = torch.frombuffer(view, dtype=torch.uint8)
+    if view.readonly:
+        with warnings.catch_warnings():  # "not writable": the caller never writes it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(view, dtype=torch.uint8)
+    else:
+        raw = torch.frombuffer(view, dtype=torch.uint8)
     if raw.data_ptr() % dtype.itemsize:
         raw = raw.clone()  # unaligned start (a tensor after an odd-sized one): copy once
     return raw.view(dtype).reshape(tuple(shape))
