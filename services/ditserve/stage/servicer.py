@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -30,7 +31,6 @@ from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
 from ditserve.common.errors import status_proto, to_grpc_status
 from ditserve.common.logs import log_event
-from ditserve.common.metrics import MICROBATCHES, WIRE_BYTES
 from ditserve.common.status import ServiceError, StatusCode
 from ditserve.wire import (
     ByteBudget,
@@ -216,7 +216,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                       replies: asyncio.Queue, stream: object, origin: int) -> None:
         started = time.perf_counter()
         request_ids = list(microbatch.first_frame.request_ids)
-        WIRE_BYTES.labels("rx", "upstream").inc(microbatch.first_frame.payload_bytes)
+        metrics.wire_bytes("rx", "upstream").inc(microbatch.first_frame.payload_bytes)
         metrics.IN_FLIGHT.inc()
         try:
             async with self._origin_window().hold(origin):
@@ -229,7 +229,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         finally:
             metrics.IN_FLIGHT.dec()
             assembler.release(microbatch.id)
-        MICROBATCHES.labels(self.name, outcome).inc()
+        metrics.microbatches(self.name, outcome).inc()
         metrics.MICROBATCH_SECONDS.observe(time.perf_counter() - started)
         for frame in frames:
             replies.put_nowait(frame)
@@ -261,13 +261,13 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             outputs, compute_seconds = list(reply.items()), [seconds, *later]
         frames = lean_frames(stage_pb2.ForwardResponse, microbatch.id, outputs,
                              compute_seconds=compute_seconds)
-        WIRE_BYTES.labels("tx", "upstream").inc(frames[0].payload_bytes)
+        metrics.wire_bytes("tx", "upstream").inc(frames[0].payload_bytes)
         return frames
 
     def _reply_error(self, replies: asyncio.Queue, mb_id: int, error: ServiceError) -> None:
         log_event("microbatch_rejected", level=logging.WARNING, microbatch_id=mb_id,
                   code=error.code.value, message=error.message)
-        MICROBATCHES.labels(self.name, error.code.value).inc()
+        metrics.microbatches(self.name, error.code.value).inc()
         replies.put_nowait(self._error_frame(mb_id, error))
 
     @staticmethod
@@ -295,7 +295,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 def _hop_timeout(context: Any) -> float:

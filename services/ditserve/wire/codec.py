@@ -91,6 +91,13 @@ def encode_tensor(tensor: torch.Tensor) -> tuple[str, list[int], memoryview]:
     return NAMES[tensor.dtype], list(tensor.shape), memoryview(raw)
 
 
+# decode_tensor(read_only_ok=True) views read-only bytes on purpose (its callers never write
+# their inputs): torch's warning about it says nothing to act on. (A filter once, here: a
+# catch_warnings per tensor cost more than the rest of the decode.)
+warnings.filterwarnings("ignore", message="The given buffer is not writable",
+                        category=UserWarning)
+
+
 def decode_tensor(datatype: str, shape: Sequence[int], data: bytes | bytearray | memoryview,
                   name: str = "tensor", read_only_ok: bool = False) -> torch.Tensor:
     """A tensor viewing `data` (no copy when the data is aligned, one copy otherwise).
@@ -109,12 +116,7 @@ def decode_tensor(datatype: str, shape: Sequence[int], data: bytes | bytearray |
         return torch.empty(tuple(shape), dtype=dtype)
     if view.readonly and not read_only_ok:  # torch.frombuffer wants a writable buffer
         view = memoryview(bytearray(view))
-    if view.readonly:
-        with warnings.catch_warnings():  # "not writable": the caller never writes it
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(view, dtype=torch.uint8)
-    else:
-        raw = torch.frombuffer(view, dtype=torch.uint8)
+    raw = torch.frombuffer(view, dtype=torch.uint8)
     if raw.data_ptr() % dtype.itemsize:
         raw = raw.clone()  # unaligned start (a tensor after an odd-sized one): copy once
     return raw.view(dtype).reshape(tuple(shape))
