@@ -244,8 +244,9 @@ async def _raw_cells(s: Settings, address: str, stages: int, tokens: int,
                                    stages))
         # The floor of any path that sends a message per microbatch (shm sends its frame).
         latencies, wall = await _raw_stream(channel, FRAME_BYTES, _calls(s, 1 << 20), 1)
-        cells.append(_cell(f"raw grpc.aio {FRAME_BYTES}-byte message", stages, 0, 1,
-                           FRAME_BYTES, latencies, wall, stages))
+        floor = _cell(f"raw grpc.aio {FRAME_BYTES}-byte message", stages, 0, 1, FRAME_BYTES,
+                      latencies, wall, stages)
+        cells.append({**floor, "mib": None, "gb_per_s": None})  # latency only
     return cells
 
 
@@ -344,7 +345,7 @@ def _ratios(cells: list[dict]) -> None:
            if c["path"].startswith("raw")}
     for cell in cells:
         base = raw.get((cell["stages"], cell["rows"], cell["in_flight"]))
-        cell["vs_raw"] = round(cell["gb_per_s"] / base, 2) if base else None
+        cell["vs_raw"] = round(cell["gb_per_s"] / base, 2) if base and cell["gb_per_s"] else None
 
 
 if __name__ == "__main__":  # a raw server process: address [next address]
