@@ -116,3 +116,30 @@ def test_the_finite_check_finds_every_nan_and_infinity_and_passes_huge_finite_va
         tensor = torch.randn(3, 16, 8).to(dtype)
         tensor[2, 15, 7] = bad
         assert not all_finite(tensor)
+
+
+def test_a_slot_read_in_place_is_not_reused_before_its_reply(chains):
+    """Stage 0 computes from the slot itself; with one slot and four microbatches at once
+    the sender must wait for each reply before writing the slot again (the others go as
+    gRPC bytes), or a later microbatch's bytes would change an earlier one's input."""
+    auto, grpc = chains
+    gen = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([5, 900]),
+                torch.tensor([1, 2])) for _ in range(4)]
+
+    async def outputs(address: str, transport: str) -> list[torch.Tensor]:
+        client = StageClient(address, peer="stage-0", transport=transport, slots=1)
+        try:
+            await client.wait_connected(30)
+            replies = await asyncio.gather(*(client.call([("x", x), ("t", t), ("y", y)])
+                                             for x, t, y in batches))
+            assert client.negotiated == transport
+            assert transport == "grpc" or client._ring.in_use == 0  # every slot came back
+            return [out["out"] for out, _ in replies]
+        finally:
+            await client.close()
+
+    by_shm = asyncio.run(outputs(auto[0].address, "shm"))
+    by_grpc = asyncio.run(outputs(grpc[0].address, "grpc"))
+    for a, b in zip(by_shm, by_grpc, strict=True):
+        assert torch.equal(a, b)

@@ -5,15 +5,19 @@ the servicer, client and framing are the real ones) are chained on loopback; the
 benchmark sends them h (N, T, D) and c (N, D) in bf16 as a stage would, with 1..k
 microbatches in flight, through each `transport` (grpc: bytes over the stream; shm: the
 bytes through shared memory, the stream carrying only the frame). Beside them in the same
-run: a raw grpc.aio bidi stream of bytes (no protobuf, no ditserve; 1 MiB messages, one
-tiny ack per microbatch; a server process of its own) and a memcpy of the same bytes.
+run: raw grpc.aio bidi streams of bytes (no protobuf, no ditserve; 1 MiB messages, one
+tiny ack per microbatch) through a chain of as many bare relay processes, and a memcpy of
+the same bytes.
 
 Per hop:
 - added latency = round trip at 1 in flight / S (an S-stage relay chain is S hops that
   carry h: bench → stage 0 → … → stage S−1; the reply is the small c);
 - throughput = bytes of h × microbatches / wall time: every hop carries every byte, so
   this is what each hop sustains (with k > 1 microbatches overlapping on the hops).
-The raw stream is one hop, so it compares with S = 1.
+The raw chain has the same shape (S processes; every byte through each; acks climbing back
+through each), so each S compares with the raw chain of the same S: the same message
+pattern, the same number of processes on the same cores. (Before, one raw process pair was
+the baseline of every S: at S = 2 that compared 3 processes with 2 on a 2-core machine.)
 """
 
 from __future__ import annotations
@@ -162,13 +166,19 @@ def _cell(path: str, stages: int, n: int, k: int, nbytes: int, latencies: list[f
 
 # -- the raw grpc.aio stream --
 
-async def _raw_server(address: str) -> None:
-    """Acks every `size` bytes received (the size comes as call metadata)."""
+async def _raw_server(address: str, next_address: str | None = None) -> None:
+    """Acks every `size` bytes received (the size comes as call metadata); with
+    `next_address`, a bare relay instead: each message goes on to the next raw server as
+    it arrives, and the next one's acks come back (no protobuf, no ditserve code: the
+    ceiling of a relay chain in grpc.aio)."""
     import grpc
 
-    from ditserve.common.grpc_options import server_options
+    from ditserve.common.grpc_options import channel_options, server_options
 
-    async def stream(requests, context):
+    channel = (grpc.aio.insecure_channel(next_address, options=channel_options())
+               if next_address else None)
+
+    async def sink(requests, context):
         size = int(dict(context.invocation_metadata())["size"])
         got = 0
         async for message in requests:
@@ -177,8 +187,25 @@ async def _raw_server(address: str) -> None:
                 got -= size
                 yield b"k"
 
+    async def relay(requests, context):
+        size = dict(context.invocation_metadata())["size"]
+        call = channel.stream_stream(RAW_METHOD)(metadata=(("size", size),),
+                                                 wait_for_ready=True)  # it may start later
+
+        async def pump() -> None:
+            async for message in requests:
+                await call.write(message)
+            await call.done_writing()
+
+        pumping = asyncio.create_task(pump())
+        try:
+            async for ack in call:
+                yield ack
+        finally:
+            pumping.cancel()
+
     server = grpc.aio.server(options=server_options())
-    handler = grpc.stream_stream_rpc_method_handler(stream)  # bytes in, bytes out
+    handler = grpc.stream_stream_rpc_method_handler(relay if channel else sink)  # bytes
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "ditserve.bench.Raw", {"Stream": handler}),))
     server.add_insecure_port(address)
@@ -186,7 +213,22 @@ async def _raw_server(address: str) -> None:
     await server.wait_for_termination()
 
 
-async def _raw_cells(s: Settings, address: str, tokens: int, width: int) -> list[dict]:
+def _raw_chain(s: Settings, stages: int) -> tuple[list[subprocess.Popen], str]:
+    """`stages` raw servers in a relay chain (the first one is the address to call)."""
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(stages)]
+    processes = []
+    for k, address in enumerate(addresses):
+        argv = [sys.executable, "-m", "ditserve.bench.transport", address, *addresses[k + 1:k + 2]]
+        processes.append(subprocess.Popen(argv, env={**os.environ, **thread_env(s.threads)}))
+    return processes, addresses[0]
+
+
+FRAME_BYTES = 128
+"""A shared-memory microbatch's frame on the stream: specs and the slot, ~100 bytes."""
+
+
+async def _raw_cells(s: Settings, address: str, stages: int, tokens: int,
+                     width: int) -> list[dict]:
     import grpc
 
     from ditserve.common.grpc_options import channel_options
@@ -196,30 +238,42 @@ async def _raw_cells(s: Settings, address: str, tokens: int, width: int) -> list
         await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT_S)
         for n in s.rows:
             nbytes = n * tokens * width * 2
-            payload = os.urandom(nbytes)
-            messages = [payload[i:i + RAW_MESSAGE_BYTES]
-                        for i in range(0, nbytes, RAW_MESSAGE_BYTES)]
             for k in s.in_flight:
-                call = channel.stream_stream(RAW_METHOD)(metadata=(("size", str(nbytes)),))
-                acks: asyncio.Queue = asyncio.Queue()
-                lock = asyncio.Lock()
-
-                async def reader(call=call, acks=acks) -> None:
-                    async for _ in call:
-                        acks.put_nowait(None)
-
-                async def one(messages=messages, call=call, acks=acks, lock=lock) -> None:
-                    async with lock:  # one microbatch's messages are not interleaved
-                        for message in messages:
-                            await call.write(message)
-                    await acks.get()  # acks come in order, one per microbatch
-
-                reading = asyncio.create_task(reader())
-                latencies, wall = await _drive(one, _calls(s, nbytes), k)
-                await call.done_writing()
-                await reading
-                cells.append(_cell("raw grpc.aio bytes", 1, n, k, nbytes, latencies, wall, 1))
+                latencies, wall = await _raw_stream(channel, nbytes, _calls(s, nbytes), k)
+                cells.append(_cell("raw grpc.aio bytes", stages, n, k, nbytes, latencies, wall,
+                                   stages))
+        # The floor of any path that sends a message per microbatch (shm sends its frame).
+        latencies, wall = await _raw_stream(channel, FRAME_BYTES, _calls(s, 1 << 20), 1)
+        floor = _cell(f"raw grpc.aio {FRAME_BYTES}-byte message", stages, 0, 1, FRAME_BYTES,
+                      latencies, wall, stages)
+        cells.append({**floor, "mib": None, "gb_per_s": None})  # latency only
     return cells
+
+
+async def _raw_stream(channel, nbytes: int, calls: int, in_flight: int
+                      ) -> tuple[list[float], float]:
+    """`calls` microbatches of `nbytes` random bytes on one raw stream, `in_flight` at once."""
+    payload = os.urandom(nbytes)
+    messages = [payload[i:i + RAW_MESSAGE_BYTES] for i in range(0, nbytes, RAW_MESSAGE_BYTES)]
+    call = channel.stream_stream(RAW_METHOD)(metadata=(("size", str(nbytes)),))
+    acks: asyncio.Queue = asyncio.Queue()
+    lock = asyncio.Lock()
+
+    async def reader() -> None:
+        async for _ in call:
+            acks.put_nowait(None)
+
+    async def one() -> None:
+        async with lock:  # one microbatch's messages are not interleaved
+            for message in messages:
+                await call.write(message)
+        await acks.get()  # acks come in order, one per microbatch
+
+    reading = asyncio.create_task(reader())
+    latencies, wall = await _drive(one, calls, in_flight)
+    await call.done_writing()
+    await reading
+    return latencies, wall
 
 
 def _memcpy_cells(s: Settings, tokens: int, width: int) -> list[dict]:
@@ -249,14 +303,14 @@ def run(s: Settings) -> Report:
     tokens, width = config.num_tokens, config.hidden_size
     cells: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="ditserve-bench-") as folder:
-        raw_address = f"127.0.0.1:{free_port()}"
-        raw = subprocess.Popen([sys.executable, "-m", "ditserve.bench.transport", raw_address],
-                               env={**os.environ, **thread_env(s.threads)})
-        try:
-            cells += asyncio.run(_raw_cells(s, raw_address, tokens, width))
-        finally:
-            raw.terminate()
-            raw.wait(10)
+        for stages in s.stage_counts:
+            raw, address = _raw_chain(s, stages)
+            try:
+                cells += asyncio.run(_raw_cells(s, address, stages, tokens, width))
+            finally:
+                for process in raw:
+                    process.terminate()
+                    process.wait(10)
         for transport in s.transports:
             for stages in s.stage_counts:
                 chain = _relay_chain(s, stages, transport, Path(folder))
@@ -275,10 +329,11 @@ def run(s: Settings) -> Report:
              "client use the row's transport (shm: negotiated per stream by a probe).",
              "hop ms = median round trip at 1 in flight / S (the hops in series that carry h); "
              "GB/s = bytes of h × microbatches / wall: what each hop sustains.",
-             f"Raw: a grpc.aio bidi stream of {RAW_MESSAGE_BYTES >> 20} MiB bytes messages "
-             "(no protobuf), one 1-byte ack per microbatch, server in its own process: one hop.",
-             "vs raw = this row's GB/s / the raw stream's GB/s at the same rows and in-flight; "
-             "measured in the same run, variants one after another."]
+             f"Raw: grpc.aio bidi streams of {RAW_MESSAGE_BYTES >> 20} MiB bytes messages "
+             "(no protobuf) through S bare relay processes (each message passed on as it "
+             "arrives), one 1-byte ack per microbatch climbing back: S hops.",
+             "vs raw = this row's GB/s / the raw chain's GB/s at the same S, rows and "
+             "in-flight; measured in the same run, variants one after another."]
     columns = [("path", "path"), ("stages", "S"), ("rows", "rows"), ("mib", "MiB of h"),
                ("in_flight", "in flight"), ("hop_ms", "added ms per hop"),
                ("gb_per_s", "GB/s per hop"), ("vs_raw", "vs raw")]
@@ -286,13 +341,13 @@ def run(s: Settings) -> Report:
 
 
 def _ratios(cells: list[dict]) -> None:
-    raw = {(c["rows"], c["in_flight"]): c["gb_per_s"] for c in cells
+    raw = {(c["stages"], c["rows"], c["in_flight"]): c["gb_per_s"] for c in cells
            if c["path"].startswith("raw")}
     for cell in cells:
-        base = raw.get((cell["rows"], cell["in_flight"]))
-        cell["vs_raw"] = round(cell["gb_per_s"] / base, 2) if base else None
+        base = raw.get((cell["stages"], cell["rows"], cell["in_flight"]))
+        cell["vs_raw"] = round(cell["gb_per_s"] / base, 2) if base and cell["gb_per_s"] else None
 
 
-if __name__ == "__main__":  # the raw stream's server process
+if __name__ == "__main__":  # a raw server process: address [next address]
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_raw_server(sys.argv[1]))
+        asyncio.run(_raw_server(sys.argv[1], *sys.argv[2:3]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -47,6 +48,8 @@ from ditserve.wire import (
 from ditserve.wire.shm import DEFAULT_SLOTS, ShmRing, ShmUnavailable
 
 from .runner import StageDescription
+
+_wire_bytes = functools.cache(WIRE_BYTES.labels)  # per microbatch: the child, cached
 
 INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 2.0
@@ -128,7 +131,7 @@ class StageClient:
         self._inflight[mb_id] = future
         for frame in frames:
             queue.put_nowait(frame)
-        WIRE_BYTES.labels("tx", self.peer).inc(frames[0].payload_bytes)
+        _wire_bytes("tx", self.peer).inc(frames[0].payload_bytes)
         try:
             return await future
         finally:
@@ -306,7 +309,7 @@ class StageClient:
             return
         if done is not None:
             assembler.release(done.id)
-            WIRE_BYTES.labels("rx", self.peer).inc(done.first_frame.payload_bytes)
+            _wire_bytes("rx", self.peer).inc(done.first_frame.payload_bytes)
             _settle(future, result=(done.tensors, list(done.first_frame.compute_seconds)))
 
     def _fail_inflight(self, error: ServiceError) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -30,7 +31,6 @@ from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
 from ditserve.common.errors import status_proto, to_grpc_status
 from ditserve.common.logs import log_event
-from ditserve.common.metrics import MICROBATCHES, WIRE_BYTES
 from ditserve.common.status import ServiceError, StatusCode
 from ditserve.wire import (
     ByteBudget,
@@ -148,7 +148,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 if frame.HasField("shm_offer"):
                     replies.put_nowait(self._answer_offer(frame.shm_offer, assembler))
                     continue
-                slot = frame.shm_slot if frame.tensors else 0
+                # A microbatch in a shared-memory slot is read in place: its reply (or
+                # error) frees the slot at the sender, so no frame of its own does.
                 try:
                     microbatch = assembler.add(frame)
                 except WireProtocolError as error:
@@ -157,10 +158,6 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 except WireError as error:
                     self._reply_error(replies, error.microbatch_id or 0, error.to_service_error())
                     continue
-                finally:
-                    if slot and assembler.slots is not None:  # copied out (or refused): free
-                        replies.put_nowait(stage_pb2.ForwardResponse(
-                            microbatch_id=frame.microbatch_id, shm_released_slot=slot))
                 if microbatch is not None:
                     # Stage 0 is where microbatches enter: what they claim is ignored.
                     received = 0 if self.runner.stage_index == 0 else microbatch.first_frame.origin
@@ -219,7 +216,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                       replies: asyncio.Queue, stream: object, origin: int) -> None:
         started = time.perf_counter()
         request_ids = list(microbatch.first_frame.request_ids)
-        WIRE_BYTES.labels("rx", "upstream").inc(microbatch.first_frame.payload_bytes)
+        metrics.wire_bytes("rx", "upstream").inc(microbatch.first_frame.payload_bytes)
         metrics.IN_FLIGHT.inc()
         try:
             async with self._origin_window().hold(origin):
@@ -232,7 +229,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         finally:
             metrics.IN_FLIGHT.dec()
             assembler.release(microbatch.id)
-        MICROBATCHES.labels(self.name, outcome).inc()
+        metrics.microbatches(self.name, outcome).inc()
         metrics.MICROBATCH_SECONDS.observe(time.perf_counter() - started)
         for frame in frames:
             replies.put_nowait(frame)
@@ -264,13 +261,13 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             outputs, compute_seconds = list(reply.items()), [seconds, *later]
         frames = lean_frames(stage_pb2.ForwardResponse, microbatch.id, outputs,
                              compute_seconds=compute_seconds)
-        WIRE_BYTES.labels("tx", "upstream").inc(frames[0].payload_bytes)
+        metrics.wire_bytes("tx", "upstream").inc(frames[0].payload_bytes)
         return frames
 
     def _reply_error(self, replies: asyncio.Queue, mb_id: int, error: ServiceError) -> None:
         log_event("microbatch_rejected", level=logging.WARNING, microbatch_id=mb_id,
                   code=error.code.value, message=error.message)
-        MICROBATCHES.labels(self.name, error.code.value).inc()
+        metrics.microbatches(self.name, error.code.value).inc()
         replies.put_nowait(self._error_frame(mb_id, error))
 
     @staticmethod
@@ -291,13 +288,14 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether a floating tensor holds no NaN or infinity. A NaN or an infinity anywhere
-    makes the float32 sum non-finite, so a finite sum proves it in one vectorised pass;
-    only a non-finite sum (a bad tensor, or finite values whose sum overflows) pays for
-    the exact element-wise check. (torch.isfinite(...).all() alone was the largest cost of
-    a CPU hop: ~1.3 ms per 576 KiB of bf16 against ~0.06 ms for the sum.)"""
-    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    return bool(torch.isfinite(tensor.sum(dtype=wide))) or bool(torch.isfinite(tensor).all())
+    """Whether a floating tensor holds no NaN or infinity, in one vectorised pass: torch's
+    min and max propagate NaN, so both are finite exactly when every element is.
+    (torch.isfinite(...).all() was the largest cost of a CPU hop, ~1.3 ms per 576 KiB of
+    bf16; a float32 sum ~0.07-0.19 ms; aminmax ~0.04 ms.)"""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 def _hop_timeout(context: Any) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import get_args
 
@@ -90,11 +91,21 @@ def encode_tensor(tensor: torch.Tensor) -> tuple[str, list[int], memoryview]:
     return NAMES[tensor.dtype], list(tensor.shape), memoryview(raw)
 
 
+# decode_tensor(read_only_ok=True) views read-only bytes on purpose (its callers never write
+# their inputs): torch's warning about it says nothing to act on. (A filter once, here: a
+# catch_warnings per tensor cost more than the rest of the decode.)
+warnings.filterwarnings("ignore", message="The given buffer is not writable",
+                        category=UserWarning)
+
+
 def decode_tensor(datatype: str, shape: Sequence[int], data: bytes | bytearray | memoryview,
-                  name: str = "tensor") -> torch.Tensor:
+                  name: str = "tensor", read_only_ok: bool = False) -> torch.Tensor:
     """A tensor viewing `data` (no copy when the data is aligned, one copy otherwise).
 
-    The tensor shares memory with `data`: keep it alive and do not reuse the buffer."""
+    The tensor shares memory with `data`: keep it alive and do not reuse the buffer.
+    `read_only_ok`: view read-only data (a received message's bytes) in place too, for a
+    receiver that never writes its inputs (a stage: the model's ops are out of place);
+    otherwise read-only data is copied once."""
     nbytes = check_spec(name, datatype, shape)
     view = memoryview(data).cast("B")
     if view.nbytes != nbytes:
@@ -103,7 +114,7 @@ def decode_tensor(datatype: str, shape: Sequence[int], data: bytes | bytearray |
     dtype = DTYPES[datatype]
     if nbytes == 0:
         return torch.empty(tuple(shape), dtype=dtype)
-    if view.readonly:  # torch.frombuffer wants a writable buffer: copy once
+    if view.readonly and not read_only_ok:  # torch.frombuffer wants a writable buffer
         view = memoryview(bytearray(view))
     raw = torch.frombuffer(view, dtype=torch.uint8)
     if raw.data_ptr() % dtype.itemsize:

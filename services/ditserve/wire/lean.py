@@ -60,6 +60,16 @@ class ParsedFrame:
         return getattr(self.message, name)
 
 
+_ALIGN_PREFIX = bytes([1 << 3, 0])
+"""`microbatch_id = 0` (field 1, a varint), overridden by the header's own, which follows:
+two bytes that, with the chunk's tag and a length padded to 5 bytes, put the payload 8
+bytes into the message, so it starts 8-aligned in the receiver's buffer and a one-chunk
+microbatch's tensors are viewed in place there (FrameAssembler), not copied to align
+them."""
+_LENGTH_BYTES = 5
+"""The longest varint protobuf parsers take for a length (a 32-bit size)."""
+
+
 def serialize(frame: Any) -> bytes:
     """Wire bytes of a LeanFrame (one join) or of a plain message."""
     if not isinstance(frame, LeanFrame):
@@ -67,15 +77,21 @@ def serialize(frame: Any) -> bytes:
     head = frame.header.SerializeToString()
     if not frame.size:
         return head
-    return b"".join([head, _CHUNK_TAG, _varint(frame.size), *frame.parts])
+    return b"".join([_ALIGN_PREFIX, _CHUNK_TAG, _varint(frame.size, _LENGTH_BYTES),
+                     *frame.parts, head])
 
 
-def _varint(value: int) -> bytes:
+def _varint(value: int, width: int = 0) -> bytes:
+    """`value` as a protobuf varint, padded to `width` bytes with continuation bytes (a
+    longer encoding of the same number, which protobuf parsers accept)."""
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
         value >>= 7
     out.append(value)
+    while len(out) < width:
+        out[-1] |= 0x80
+        out.append(0)
     return bytes(out)
 
 

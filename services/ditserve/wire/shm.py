@@ -6,8 +6,12 @@ full /dev/shm is an error now rather than a SIGBUS later), with a random token i
 first page and `slots` slots of `slot_bytes` after it. It offers the segment on the
 stream (ShmOffer). The receiver maps it, checks the token (which proves the two share the
 memory: same host and IPC namespace), UNLINKS it and answers (ShmAnswer). From then on a
-microbatch's payload may lie in a slot; its frame names the slot, and the receiver copies
-it out at once and answers `shm_released_slot`, after which the sender may reuse it.
+microbatch's payload may lie in a slot; its frame names the slot, and the receiver's
+tensors view the slot in place (no copy) until it answers the microbatch: that reply (or
+its error) frees the slot, after which the sender may reuse it. (`shm_released_slot`, a
+frame that frees a slot early, is still understood by the sender; receivers no longer send
+it: a frame of its own per microbatch cost more than it saved.) A sender writes a slot
+only while it is free, so the receiver's view never changes under it.
 
 Crash safety: the name exists only between the offer and the receiver's mapping (the
 sender unlinks it too when the answer is a refusal, or the stream ends first); after
@@ -163,12 +167,19 @@ class ShmView:
             path.unlink()  # both ends have mapped it: nothing can outlive them now
         self.slot_bytes, self.slots = slot_bytes, slots
 
-    def read(self, number: int, nbytes: int, into: memoryview) -> None:
+    def view(self, number: int, nbytes: int) -> memoryview:
+        """The first `nbytes` of slot `number` (1-based), in place (no copy)."""
         offset = HEADER_BYTES + (number - 1) * _round_up(self.slot_bytes)
-        into[:nbytes] = self.map[offset:offset + nbytes]
+        return memoryview(self.map)[offset:offset + nbytes]
+
+    def read(self, number: int, nbytes: int, into: memoryview) -> None:
+        """Copies the first `nbytes` of slot `number` into `into`."""
+        into[:nbytes] = self.view(number, nbytes)
 
     def close(self) -> None:
-        self.map.close()
+        """Unmaps; while a tensor still views a slot, the mapping ends with it instead."""
+        with contextlib.suppress(BufferError):
+            self.map.close()
 
 
 def leftover_segments(directory: Path = SHM_DIR) -> list[Path]:
