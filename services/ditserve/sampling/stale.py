@@ -16,10 +16,9 @@ Every sampler here calls the model at timesteps of the training schedule (linear
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .diffusion import linear_betas
+from .diffusion import GaussianDiffusion
 
 X0_TREND = 0.5
 """Weight of the x0 trend per step of staleness (`coordinator.async_x0_trend`'s default).
@@ -31,20 +30,20 @@ stale eps 0.24 / 0.21, x0 kept 0.19 / 0.17, x0 moved on at 0.5: 0.12 / 0.11 (at 
 step overshoots on a fast solver's few large steps; 0.5 is the best weight there and
 well inside the gain for the others."""
 
-_ALPHAS_CUMPROD = np.cumprod(1.0 - linear_betas())
-"""abar_t of the training schedule, float64, by model timestep (0..999)."""
+_TRAINING_SCHEDULE = GaussianDiffusion.create()
+"""The training schedule (no respacing), so its index is the model timestep (0..999)."""
 
 
 def predicted_x0(eps: torch.Tensor, x: torch.Tensor, timestep: int) -> torch.Tensor:
     """x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t), for eps and x (n, C, L, L)."""
-    abar = float(_ALPHAS_CUMPROD[timestep])
-    return (x - (1.0 - abar) ** 0.5 * eps) / abar ** 0.5
+    t = torch.full((x.shape[0],), timestep, dtype=torch.long)
+    return _TRAINING_SCHEDULE.predict_xstart_from_eps(x, t, eps)
 
 
 def eps_for_x0(x0: torch.Tensor, x: torch.Tensor, timestep: int) -> torch.Tensor:
     """The eps that gives the prediction x0 at latents x and `timestep`."""
-    abar = float(_ALPHAS_CUMPROD[timestep])
-    return (x - abar ** 0.5 * x0) / (1.0 - abar) ** 0.5
+    t = torch.full((x.shape[0],), timestep, dtype=torch.long)
+    return _TRAINING_SCHEDULE.predict_eps_from_xstart(x, t, x0)
 
 
 class StaleOutputs:
