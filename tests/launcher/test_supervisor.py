@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from ditserve.common.process import failure_cause
+from ditserve.common.segments import SHM_DIR
 from ditserve.launcher.plan import ServiceSpec
 from ditserve.launcher.supervisor import LivenessProbe, RestartBackoff, Supervisor
 
@@ -152,4 +153,21 @@ def test_no_liveness_probe_probes_nothing(tmp_path):
         supervisor.supervise_once()
         clock.now += 5.0
     assert service.process.running()
+    supervisor.stop_all()
+
+
+def test_a_killed_services_unmapped_segment_is_removed_when_it_is_restarted(tmp_path):
+    """A stage SIGKILLed between creating its ring and the peer's mapping leaves the name in
+    /dev/shm; the supervisor that reaps it removes it (by the pid in the name)."""
+    code = ("import os; from ditserve.wire.shm import ShmRing; ShmRing(4096, 1); "
+            "os.kill(os.getpid(), 9)")
+    clock = _Clock()
+    supervisor = Supervisor([_spec("stage-0", code)], tmp_path, clock=clock)
+    service = supervisor.services[0]
+    service.start(clock())
+    service.process.proc.wait()
+    pid = service.process.pid
+    assert list(SHM_DIR.glob(f"ditserve-{pid}-*"))  # left behind by the kill
+    supervisor.supervise_once()  # notices the exit
+    assert not list(SHM_DIR.glob(f"ditserve-{pid}-*"))
     supervisor.stop_all()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ditserve.common.process import ServiceProcess, stop_all, wait_serving
+from ditserve.common.segments import remove_orphans
 
 from .plan import ServiceSpec
 
@@ -82,6 +83,17 @@ class ManagedService:
         self.serving, self.missed, self.next_probe = False, 0, now
 
 
+def _remove_segments(service: ManagedService) -> None:
+    """Unlinks the shared-memory segments an exited service created but no peer mapped
+    (killed between creating one and the peer's answer): its pid is dead, so they are
+    orphans whatever their age."""
+    process = service.process
+    if process.proc is None or process.exited() is None:
+        return
+    for path in remove_orphans(pids=[process.pid]):
+        log.warning("removed %s, left by %s (pid %d)", path, service.spec.name, process.pid)
+
+
 class Supervisor:
     """Starts the planned services wave by wave and keeps them running until stopped."""
 
@@ -125,6 +137,7 @@ class Supervisor:
                 self._probe(service, now)
                 continue
             if service.next_restart is None:
+                _remove_segments(service)
                 delay = service.backoff.on_exit(now - service.started_at)
                 service.next_restart = now + delay
                 log.warning("%s exited with code %s; restarting in %.0f s", service.spec.name,
@@ -171,6 +184,8 @@ class Supervisor:
         processes = [s.process for s in reversed(self.services)]
         running = sum(p.running() for p in processes)
         stop_all(processes, self.grace)
+        for service in self.services:
+            _remove_segments(service)
         for process in processes:
             process.close()
         log.info("stopped %d services", running)

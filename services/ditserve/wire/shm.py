@@ -18,6 +18,14 @@ sender unlinks it too when the answer is a refusal, or the stream ends first); a
 that the memory lives exactly as long as a mapping does, so a SIGKILL of either end (or
 both) leaves nothing in /dev/shm. A sender whose peer dies drops its ring with the stream
 and offers a fresh one on the next, so no slot the dead reader held is ever reused.
+One window is left: a sender killed between creating its segment and the receiver's
+mapping (a few milliseconds; up to the stream's life when the peer never answers) leaves
+the name behind. The name carries the creator's pid, so `remove_orphans` finds such
+segments: `ditserve up` removes a dead service's segments when it restarts or stops it,
+and every new ring sweeps segments of dead pids older than ORPHAN_AGE_S (old enough that
+no live offer can still be pending; containers of a pod may share /dev/shm but not pids,
+and a sibling's segment then looks orphaned: removing it costs that stream its shared
+memory, never its data, since the receiver then refuses the offer and bytes go over gRPC).
 """
 
 from __future__ import annotations
@@ -25,13 +33,12 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
-SHM_DIR = Path("/dev/shm")
-PREFIX = "ditserve-"
+from ditserve.common.segments import NAME, PREFIX, SHM_DIR, remove_orphans
+
 HEADER_BYTES = 4096
 """The token's page; slots start after it, page-aligned."""
 TOKEN_BYTES = 16
@@ -42,7 +49,6 @@ DEFAULT_SLOTS = 4
 """Slots per stream: the receiver frees a slot as soon as it copied it out, so a few
 suffice for many microbatches in flight (the next one falls back to gRPC bytes if none
 is free)."""
-_NAME = re.compile(r"ditserve-[0-9]+-[0-9a-f]{16}")
 
 
 class ShmUnavailable(OSError):
@@ -80,6 +86,7 @@ class ShmRing:
         if slot_bytes <= 0 or not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"ring of {slots} slots of {slot_bytes} bytes")
         self.slot_bytes, self.slots = slot_bytes, slots
+        remove_orphans(directory)  # segments of killed senders from before, if any
         self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         self.path = directory / self.name
         self.token = secrets.token_bytes(TOKEN_BYTES)
@@ -138,7 +145,7 @@ class ShmView:
 
     def __init__(self, segment: str, token: bytes, slot_bytes: int, slots: int,
                  directory: Path = SHM_DIR):
-        if not _NAME.fullmatch(segment):
+        if not NAME.fullmatch(segment):
             raise ShmUnavailable(f"segment name {segment!r} is not a ditserve segment")
         if slot_bytes <= 0 or not 1 <= slots <= MAX_SLOTS:
             raise ShmUnavailable(f"ring of {slots} slots of {slot_bytes} bytes "
@@ -181,7 +188,3 @@ class ShmView:
         with contextlib.suppress(BufferError):
             self.map.close()
 
-
-def leftover_segments(directory: Path = SHM_DIR) -> list[Path]:
-    """ditserve segments in `directory` (for tests and `ditserve doctor`-style checks)."""
-    return sorted(directory.glob(f"{PREFIX}*")) if directory.is_dir() else []
