@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,14 +63,16 @@ def cuda_ready() -> bool:
 
 
 def choose_path(transport: str, local_device: str, peer_device: str, shm_shared: bool,
-                cuda_shared: bool) -> DataPath:
+                cuda_shared: bool, handoff_device: str = "cuda") -> DataPath:
     """The data path of a stream, from what both ends and the probes say.
 
     `transport`: the configured "auto", "grpc" or "shm" ("shm" means "not over the
     socket": CUDA IPC counts). `local_device`/`peer_device`: "cpu", "cuda" or "cuda:K" of
     the sender's outputs and the receiver's compute. `shm_shared`: the shared-memory
     probe passed (same host, same IPC namespace). `cuda_shared`: the CUDA probe passed
-    (the receiver opened the sender's handle and read the token back).
+    (the receiver opened the sender's handle and read the token back). `handoff_device`:
+    the device type whose memory the handoff shares ("cuda"; "cpu" for CPU_SHARED, the
+    tests' stand-in for CUDA IPC).
 
     Raises HandoffError when `transport` is "shm" and neither probe passed: a pipeline
     configured for same-host hops fails loudly instead of going slow silently."""
@@ -77,7 +80,8 @@ def choose_path(transport: str, local_device: str, peer_device: str, shm_shared:
         raise ValueError(f"transport {transport!r}: expected auto, grpc or shm")
     if transport == "grpc":
         return "grpc"
-    both_cuda = local_device.startswith("cuda") and peer_device.startswith("cuda")
+    both_cuda = (local_device.startswith(handoff_device)
+                 and peer_device.startswith(handoff_device))
     if both_cuda and shm_shared and cuda_shared:
         return "cuda_ipc"
     if shm_shared:
@@ -200,7 +204,8 @@ def import_tensor(handle: CudaHandle, device: torch.device | None = None,
             handle.storage_bytes, handle.storage_offset_bytes, False,
             handle.ref_counter_handle, handle.ref_counter_offset,
             handle.event_handle or None, handle.event_sync_required)
-    except RuntimeError as error:  # cudaIpcOpenMemHandle failed: not this host's GPU
+    except (RuntimeError, ValueError) as error:  # cudaIpcOpenMemHandle failed: not
+        # this host's GPU, a device index not visible here, a stale handle
         raise HandoffError(f"cannot open the CUDA IPC handle: {error}") from None
     if not copy:
         return shared
@@ -209,6 +214,77 @@ def import_tensor(handle: CudaHandle, device: torch.device | None = None,
     out.copy_(shared)  # device-to-device on this process's current stream
     torch.cuda.current_stream(out.device).synchronize()  # done before the ack frees it
     return out
+
+
+_SHM_FILE = re.compile(rb"/torch_[0-9]+_[0-9]+_[0-9]+")
+_SHM_MANAGER = re.compile(rb"/[A-Za-z0-9_./-]{1,255}/manager\.sock")
+
+
+def export_shared_cpu(tensor: torch.Tensor) -> tuple[CudaHandle, torch.Tensor]:
+    """CPU_SHARED's export: a copy of `tensor` in a shared-memory file of torch's own CPU
+    sharing (the `file_system` strategy of torch.multiprocessing), described by a
+    CudaHandle whose `handle` names the file and `ref_counter_handle` the torch shm
+    manager. Returns the handle and the copy to keep alive until acknowledged."""
+    if tensor.device.type != "cpu":
+        raise HandoffError(f"cpu-shared handoff needs a CPU tensor, got one on {tensor.device}")
+    if tensor.dtype not in NAMES:
+        raise HandoffError(f"dtype {tensor.dtype} has no wire name")
+    kept = tensor.detach().clone(memory_format=torch.contiguous_format)
+    manager, name, size = kept.untyped_storage()._share_filename_cpu_()
+    return CudaHandle(NAMES[kept.dtype], tuple(kept.shape), tuple(kept.stride()), 0, 0,
+                      bytes(name), int(size), 0, bytes(manager), 0, b"", False), kept
+
+
+def import_shared_cpu(handle: CudaHandle, device: torch.device | None = None) -> torch.Tensor:
+    """CPU_SHARED's import: maps the peer's shared file and copies the tensor out."""
+    if not (_SHM_FILE.fullmatch(handle.handle)
+            and _SHM_MANAGER.fullmatch(handle.ref_counter_handle)):
+        raise HandoffError("cpu-shared handle: not a torch shared-memory file and manager")
+    try:
+        storage = torch.UntypedStorage._new_shared_filename_cpu(
+            handle.ref_counter_handle, handle.handle, handle.storage_bytes)
+    except RuntimeError as error:  # no such file, or another size: not the sender's memory
+        raise HandoffError(f"cannot open the cpu-shared handle: {error}") from None
+    dtype = DTYPES[handle.dtype]
+    shared = torch.empty(0, dtype=dtype).set_(storage, handle.offset, handle.shape,
+                                              handle.stride)
+    return torch.empty(handle.shape, dtype=dtype).copy_(shared)  # memory of its own
+
+
+def _export_cuda(tensor: torch.Tensor) -> tuple[CudaHandle, torch.Tensor]:
+    return export_tensor(tensor), tensor
+
+
+def _import_cuda(handle: CudaHandle, device: torch.device | None = None) -> torch.Tensor:
+    return import_tensor(handle, device)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """How the cuda_ipc path hands tensors over: CUDA_IPC in production; CPU_SHARED runs
+    the same protocol (probe, handles in frames, import and copy, acknowledgement,
+    ledger) between CPU processes, so machines without a GPU can test all of it but the
+    CUDA calls themselves."""
+
+    name: str
+    """Its name in the CudaOffer ("cuda" or "cpu-shared"): both ends must agree."""
+    device_type: str
+    """The device type of the tensors it hands over ("cuda" or "cpu")."""
+    export: Callable[[torch.Tensor], tuple[CudaHandle, torch.Tensor]]
+    """A tensor → its handle, and what to keep alive until the receiver acknowledges."""
+    open: Callable[[CudaHandle, torch.device | None], torch.Tensor]
+    """A peer's handle → a copy of the tensor in this process's memory on that device."""
+
+    def usable(self, device: torch.device | str) -> bool:
+        """Whether tensors computed on `device` can be handed over (or received) here."""
+        device = torch.device(device)
+        return device.type == self.device_type and (device.type != "cuda" or cuda_ready())
+
+
+CUDA_IPC = Handoff("cuda", "cuda", _export_cuda, _import_cuda)
+CPU_SHARED = Handoff("cpu-shared", "cpu", export_shared_cpu, import_shared_cpu)
+HANDOFFS: dict[str, Handoff] = {h.name: h for h in (CUDA_IPC, CPU_SHARED)}
+"""By name, for `ditserve stage --handoff` (cpu-shared: tests only)."""
 
 
 def probe_token() -> bytes:
@@ -324,6 +400,14 @@ class PinnedStaging:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(tensor.device))
         return host, buffer, event
+
+    def to_host_all(self, tensors: Sequence[torch.Tensor]
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Any]]:
+        """`to_host` of each: (host tensors, buffers for `give_back`, events to wait on
+        before their bytes are read; none for tensors already on the host)."""
+        staged = [self.to_host(tensor) for tensor in tensors]
+        return ([host for host, _, _ in staged], [b for _, b, e in staged if e is not None],
+                [e for _, _, e in staged if e is not None])
 
     def to_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`tensor` on `device`, uploaded from pinned memory without blocking the host
