@@ -179,6 +179,10 @@ class StageRunner:
         outputs = (self.graphs or self._forward)(*args)
         if not on_device:
             outputs = self._to_host(outputs)
+        elif self.device.type == "cuda":
+            # Complete before they are handed over: the receiver's import then waits for
+            # its copy only, and never blocks its event loop behind our kernels.
+            torch.cuda.current_stream(self.device).synchronize()
         if self.is_last:
             return [("out", outputs[0])]  # (N, C_out, L, L)
         return [("h", outputs[0]), ("c", outputs[1])]  # (N, T, D), (N, D)

@@ -32,6 +32,7 @@ the bookkeeping, validation and fallbacks are tested on CPU.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import re
 import secrets
@@ -192,28 +193,42 @@ def import_tensor(handle: CudaHandle, device: torch.device | None = None,
                   copy: bool = True) -> torch.Tensor:
     """The tensor a peer exported, mapped from its allocation; with `copy` (the default)
     cloned device-to-device into this process's memory, so the sender may free its
-    buffer as soon as this returns (then acknowledge)."""
+    buffer as soon as this returns (then acknowledge).
+
+    The map and the copy run on a stream of their own (`_import_stream`), waited for
+    here: the caller (the event loop) then waits for this copy only, not for the
+    forward passes the compute thread has queued on the default stream. The copy is
+    recorded on the default stream, where the model reads it, so its memory is not
+    reused before those reads are done."""
     if not cuda_ready():
         raise HandoffError("CUDA IPC handle received, but this process has no CUDA")
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     try:
-        shared = rebuild_cuda_tensor(
-            torch.Tensor, torch.Size(handle.shape), handle.stride, handle.offset,
-            torch.storage.TypedStorage, DTYPES[handle.dtype], handle.device, handle.handle,
-            handle.storage_bytes, handle.storage_offset_bytes, False,
-            handle.ref_counter_handle, handle.ref_counter_offset,
-            handle.event_handle or None, handle.event_sync_required)
-    except (RuntimeError, ValueError) as error:  # cudaIpcOpenMemHandle failed: not
-        # this host's GPU, a device index not visible here, a stale handle
+        stream = _import_stream(handle.device)
+        with torch.cuda.stream(stream):  # the sender's event is waited for on it too
+            shared = rebuild_cuda_tensor(
+                torch.Tensor, torch.Size(handle.shape), handle.stride, handle.offset,
+                torch.storage.TypedStorage, DTYPES[handle.dtype], handle.device,
+                handle.handle, handle.storage_bytes, handle.storage_offset_bytes, False,
+                handle.ref_counter_handle, handle.ref_counter_offset,
+                handle.event_handle or None, handle.event_sync_required)
+            if not copy:
+                return shared
+            out = torch.empty(handle.shape, dtype=shared.dtype, device=device or shared.device)
+            out.copy_(shared)  # device-to-device (or peer-to-peer to another GPU)
+        stream.synchronize()  # done before the reply acknowledges it and the sender frees it
+    except (RuntimeError, ValueError, AssertionError) as error:  # cudaIpcOpenMemHandle
+        # failed: not this host's GPU, a device index not visible here, a stale handle
         raise HandoffError(f"cannot open the CUDA IPC handle: {error}") from None
-    if not copy:
-        return shared
-    target = device or shared.device
-    out = torch.empty(handle.shape, dtype=shared.dtype, device=target)
-    out.copy_(shared)  # device-to-device on this process's current stream
-    torch.cuda.current_stream(out.device).synchronize()  # done before the ack frees it
+    out.record_stream(torch.cuda.default_stream(out.device))
     return out
+
+
+@functools.cache
+def _import_stream(device: int) -> Any:
+    """This process's stream for CUDA IPC imports on `device` (created once)."""
+    return torch.cuda.Stream(device)
 
 
 _SHM_FILE = re.compile(rb"/torch_[0-9]+_[0-9]+_[0-9]+")
