@@ -12,6 +12,11 @@ stage 0 (through `chain.remote.RemoteChain`):
   backing off waits for the next attempt for at most `reconnect_wait` seconds, then
   fails UNAVAILABLE rather than queue behind a dead peer (a stage that started before
   its next hop, or a hop restarting, is then no error at all).
+- Each stream negotiates its data path when it opens (docs/ARCHITECTURE.md §5): a
+  shared-memory ring (wire/shm.py) and, from a CUDA stage, a CUDA IPC probe
+  (wire/cuda_ipc.py); `negotiated` says which path won (cuda_ipc, shm or grpc), a
+  `data_path` log line and the dit_data_path_streams gauge say why. A microbatch that
+  cannot take the stream's path (a full ledger or ring) goes by the next one down.
 
 References: Triton's gRPC streaming inference (in-stream per-request errors), grpc
 Python aio bidi streaming examples.

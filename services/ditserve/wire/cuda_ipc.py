@@ -1,32 +1,39 @@
 """Co-located CUDA stages: activations handed over as CUDA IPC handles, and pinned host
-staging for the paths that must go through host memory (issue 13, part 4).
+staging for the paths that must go through host memory (issue 13, part 4;
+docs/ARCHITECTURE.md §5, "GPU stages").
 
 When both ends of a hop compute on CUDA and share a host (the shared-memory probe of the
 stream proved the host and IPC namespace), a microbatch's tensors need not leave the
 GPU: the sender exports each tensor's allocation as a CUDA IPC handle
 (`UntypedStorage._share_cuda_`, the machinery `torch.multiprocessing` uses), the frame
-carries the handle instead of bytes or a slot, and the receiver maps the allocation
-(`cudaIpcOpenMemHandle` through torch) and copies it device-to-device into memory of its
-own. Its acknowledgement tells the sender the allocation may be freed; until then the
-sender keeps the tensor alive (`HandoffLedger`), because freeing it would let the caching
-allocator hand the bytes to the next microbatch while the receiver still reads them.
+carries the handle instead of bytes or a slot (`ForwardRequest.cuda_handles`), and the
+receiver maps the allocation (`cudaIpcOpenMemHandle` through torch) and copies it
+device-to-device into memory of its own. The microbatch's reply (or error) tells the
+sender the allocation may be freed; until then the sender keeps the tensor alive
+(`HandoffLedger`), because freeing it would let the caching allocator hand the bytes to
+the next microbatch while the receiver still reads them.
 
-Pieces, each usable alone:
+Pieces, each usable alone (stage/client.py and stage/servicer.py put them together):
 - `choose_path`: which data path a stream uses, from the configured `transport`, where
   each end computes and what the probes proved (pure logic: tested on CPU);
 - `CudaHandle`: an exported tensor as a small JSON document, parsed strictly (never
   pickled: a peer's bytes are data, not code);
 - `export_tensor` / `import_tensor`: the CUDA calls, guarded by
   `torch.cuda.is_available()`;
+- `Handoff`: export and import as a pair the stream is given: `CUDA_IPC`, or
+  `CPU_SHARED` (torch's CPU shared memory in place of CUDA IPC: the same protocol
+  between CPU processes, so the tests run all of it but the CUDA calls);
 - `HandoffLedger`: the sender's keep-alive and acknowledgement bookkeeping, bounded;
 - `probe_token` / `check_probe`: the CUDA leg of the stream-open probe (the receiver
   reads back random bytes the sender put on its GPU), so a handle that cannot be opened
   (a GPU not visible in the receiver's container) falls back before any microbatch does;
 - `PinnedStaging`: page-locked host buffers for device→host→wire copies made with
-  `non_blocking=True`, reused by size and bounded in bytes.
+  `non_blocking=True`, reused by size and bounded in bytes: the one way a CUDA stage's
+  tensors reach host memory (the runner's outputs, the client's fallback).
 
 None of the CUDA calls has run on a GPU yet (the machines this was written on had none);
-the bookkeeping, validation and fallbacks are tested on CPU.
+the bookkeeping, validation, fallbacks and the whole protocol (through CPU_SHARED) are
+tested on CPU, and tests marked for CUDA wait for a machine with a GPU.
 """
 
 from __future__ import annotations
