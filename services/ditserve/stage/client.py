@@ -66,6 +66,7 @@ from .runner import StageDescription
 
 _wire_bytes = functools.cache(WIRE_BYTES.labels)  # per microbatch: the child, cached
 _sent = functools.cache(MICROBATCHES_SENT.labels)
+_held = functools.cache(HANDOFFS_HELD.labels)
 
 INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 2.0
@@ -191,7 +192,7 @@ class StageClient:
             log_event("handoff_failed", level=30, peer=self.peer, error=str(error))
             return None
         ledger.hold(mb_id, [kept for _, kept in exported])
-        HANDOFFS_HELD.labels(self.peer).set(ledger.outstanding)
+        _held(self.peer).set(ledger.outstanding)
         return lean_frames(stage_pb2.ForwardRequest, mb_id, tensors,
                            handles=[handle for handle, _ in exported], **fields)
 
@@ -328,7 +329,7 @@ class StageClient:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
-            HANDOFFS_HELD.labels(self.peer).set(0)
+            _held(self.peer).set(0)
         if self._announced:  # a stream whose path was counted: no longer open
             DATA_PATH_STREAMS.labels(self.peer, self._path).dec()
             self._announced = False
@@ -341,7 +342,7 @@ class StageClient:
         if number is not None and self._ring is not None:
             self._ring.give(number)
         if self._ledger is not None and self._ledger.acknowledge(mb_id):
-            HANDOFFS_HELD.labels(self.peer).set(self._ledger.outstanding)
+            _held(self.peer).set(self._ledger.outstanding)
 
     def _set_queue(self, queue: asyncio.Queue | None) -> None:
         self._send = queue
