@@ -315,6 +315,38 @@ def test_bad_handles_are_refused_by_name_and_the_stream_goes_on(single):
     assert not replies[9].HasField("error") and replies[9].tensors[0].name == "out"
 
 
+def test_a_probe_is_answered_only_when_it_reads_back(single):
+    """The probe is opened and copied by the receiver: 16 bytes, or refused."""
+    token = probe_token()
+    small, kept = CPU_SHARED.export(torch.frombuffer(bytearray(token), dtype=torch.uint8))
+    big, big_kept = CPU_SHARED.export(torch.zeros(1 << 20, dtype=torch.uint8))
+    other, other_kept = CPU_SHARED.export(torch.zeros(16, dtype=torch.uint8))
+
+    async def answer(probe: bytes, method: str = "cpu-shared") -> stage_pb2.CudaAnswer:
+        ring = ShmRing(1 << 16, 1)
+        offer = stage_pb2.ForwardRequest(
+            shm_offer=stage_pb2.ShmOffer(segment=ring.name, token=ring.token,
+                                         slot_bytes=ring.slot_bytes, slots=ring.slots),
+            cuda_offer=stage_pb2.CudaOffer(method=method, probe=probe, token=token))
+        try:
+            async with grpc.aio.insecure_channel(single.address) as channel:
+                call = stage_pb2_grpc.StageServiceStub(channel).Forward(iter([offer]))
+                reply = await call.read()
+                call.cancel()
+                return reply.cuda_answer
+        finally:
+            ring.close()
+
+    assert asyncio.run(answer(small.to_bytes())).accepted
+    refusals = {"must be 16 UINT8 bytes": big.to_bytes(),
+                "could not open the probe": other.to_bytes(),  # another process's bytes
+                "malformed": b"not json", "this stage opens 'cpu-shared'": small.to_bytes()}
+    for words, probe in refusals.items():
+        refused = asyncio.run(answer(probe, "cuda" if "opens" in words else "cpu-shared"))
+        assert not refused.accepted and words in refused.reason and refused.device == "cpu"
+    del kept, big_kept, other_kept
+
+
 # -- the real CUDA IPC path (a GPU machine runs these) --
 
 @needs_cuda

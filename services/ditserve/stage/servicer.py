@@ -42,7 +42,14 @@ from ditserve.wire import (
     parse_request,
     serialize,
 )
-from ditserve.wire.cuda_ipc import CUDA_IPC, CudaHandle, Handoff, HandoffError, check_probe
+from ditserve.wire.cuda_ipc import (
+    CUDA_IPC,
+    PROBE_BYTES,
+    CudaHandle,
+    Handoff,
+    HandoffError,
+    check_probe,
+)
 from ditserve.wire.shm import ShmUnavailable, ShmView
 
 from . import metrics
@@ -234,6 +241,11 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 return self.handoff.open(handle, device)
             try:
                 probe = CudaHandle.from_bytes(offer.probe)
+                if (len(offer.token) != PROBE_BYTES or probe.dtype != "UINT8"
+                        or probe.shape != (PROBE_BYTES,)):  # what we copy: small
+                    raise HandoffError(f"the probe must be {PROBE_BYTES} UINT8 bytes, got "
+                                       f"{probe.dtype} {list(probe.shape)} and a token of "
+                                       f"{len(offer.token)} bytes")
                 reason = "" if check_probe(probe, offer.token, opener) else (
                     "could not open the probe handle and read its token back (a GPU not "
                     "visible here, IPC not permitted?)")
