@@ -21,6 +21,7 @@ from ditserve.wire.cuda_ipc import (
     HandoffError,
     HandoffLedger,
     PinnedStaging,
+    accept_probe,
     check_probe,
     choose_path,
     export_tensor,
@@ -312,3 +313,21 @@ def test_assembler_refuses_handles_it_did_not_negotiate_or_that_do_not_fit():
     with pytest.raises(WireError, match="a payload has one place"):
         assembler.add(both)
     assert assembler.budget.used == 0  # nothing failed holds bytes
+
+
+def test_accept_probe_gives_an_opener_only_for_a_probe_that_reads_back():
+    token = probe_token()
+    probe, kept = CPU_SHARED.export(torch.frombuffer(bytearray(token), dtype=torch.uint8))
+    cpu = torch.device("cpu")
+    opener, reason = accept_probe(CPU_SHARED, cpu, "cpu-shared", probe.to_bytes(), token)
+    assert reason == "" and torch.equal(opener(probe), torch.tensor(list(token), dtype=torch.uint8))
+    good = probe.to_bytes()
+    for handoff, method, data, read_back, words in [
+            (CUDA_IPC, "cpu-shared", good, token, "this stage opens 'cuda'"),
+            (CUDA_IPC, "cuda", good, token, "computes on cpu"),
+            (CPU_SHARED, "cpu-shared", b"{}", token, "malformed"),
+            (CPU_SHARED, "cpu-shared", good, token[:8], "must be 16 UINT8 bytes"),
+            (CPU_SHARED, "cpu-shared", good, probe_token(), "could not open")]:
+        opener, reason = accept_probe(handoff, cpu, method, data, read_back)
+        assert opener is None and words in reason
+    del kept

@@ -42,14 +42,7 @@ from ditserve.wire import (
     parse_request,
     serialize,
 )
-from ditserve.wire.cuda_ipc import (
-    CUDA_IPC,
-    PROBE_BYTES,
-    CudaHandle,
-    Handoff,
-    HandoffError,
-    check_probe,
-)
+from ditserve.wire.cuda_ipc import CUDA_IPC, Handoff, accept_probe
 from ditserve.wire.shm import ShmUnavailable, ShmView
 
 from . import metrics
@@ -226,33 +219,14 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
     def _answer_cuda(self, offer: Any, assembler: FrameAssembler) -> str:
         """Opens the caller's CUDA probe (wire/cuda_ipc.py); on success the stream takes
         payloads by handle. Returns why not ("" when accepted)."""
-        device = self.runner.device
         if assembler.handoff is not None:
-            reason = "this stream negotiated CUDA IPC already"
+            opener, reason = None, "this stream negotiated CUDA IPC already"
         elif assembler.slots is None:
-            reason = "CUDA IPC needs the shared-memory probe to pass first (same host)"
-        elif offer.method != self.handoff.name:
-            reason = (f"handles of method {offer.method!r}; this stage opens "
-                      f"{self.handoff.name!r}")
-        elif not self.handoff.usable(device):
-            reason = f"this stage computes on {device}, not by {self.handoff.name!r} handoff"
+            opener, reason = None, "CUDA IPC needs the shared-memory probe to pass first"
         else:
-            def opener(handle: CudaHandle):
-                return self.handoff.open(handle, device)
-            try:
-                probe = CudaHandle.from_bytes(offer.probe)
-                if (len(offer.token) != PROBE_BYTES or probe.dtype != "UINT8"
-                        or probe.shape != (PROBE_BYTES,)):  # what we copy: small
-                    raise HandoffError(f"the probe must be {PROBE_BYTES} UINT8 bytes, got "
-                                       f"{probe.dtype} {list(probe.shape)} and a token of "
-                                       f"{len(offer.token)} bytes")
-                reason = "" if check_probe(probe, offer.token, opener) else (
-                    "could not open the probe handle and read its token back (a GPU not "
-                    "visible here, IPC not permitted?)")
-            except HandoffError as error:
-                reason = str(error)
-            if not reason:
-                assembler.handoff = opener
+            opener, reason = accept_probe(self.handoff, self.runner.device, offer.method,
+                                          offer.probe, offer.token)
+        assembler.handoff = assembler.handoff or opener
         log_event("cuda_ipc_negotiated" if not reason else "cuda_ipc_refused",
                   level=logging.INFO, method=offer.method, reason=reason or "-")
         return reason

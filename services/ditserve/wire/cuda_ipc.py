@@ -326,6 +326,31 @@ def check_probe(handle: CudaHandle, token: bytes,
         return False
 
 
+def accept_probe(handoff: Handoff, device: torch.device, method: str, probe: bytes,
+                 token: bytes) -> tuple[Callable[[CudaHandle], torch.Tensor] | None, str]:
+    """The receiver's answer to a CudaOffer: (the opener of this stream's handles, "") when
+    the probe reads back, else (None, why not). The probe is copied, so it must be small."""
+    if method != handoff.name:
+        return None, f"handles of method {method!r}; this stage opens {handoff.name!r}"
+    if not handoff.usable(device):
+        return None, f"this stage computes on {device}, not by {handoff.name!r} handoff"
+
+    def opener(handle: CudaHandle) -> torch.Tensor:
+        return handoff.open(handle, device)
+
+    try:
+        handle = CudaHandle.from_bytes(probe)
+    except HandoffError as error:
+        return None, str(error)
+    if len(token) != PROBE_BYTES or handle.dtype != "UINT8" or handle.shape != (PROBE_BYTES,):
+        return None, (f"the probe must be {PROBE_BYTES} UINT8 bytes, got {handle.dtype} "
+                      f"{list(handle.shape)} and a token of {len(token)} bytes")
+    if not check_probe(handle, token, opener):
+        return None, ("could not open the probe handle and read its token back (a GPU not "
+                      "visible here, IPC not permitted?)")
+    return opener, ""
+
+
 class HandoffLedger:
     """The sender's side of CUDA IPC handoff: every exported microbatch's tensors stay
     referenced here until the receiver acknowledges them (it copied them out), so the
