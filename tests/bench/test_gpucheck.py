@@ -97,3 +97,16 @@ def test_the_check_refuses_more_files_than_the_device_tool_brings_back(tmp_path)
         (tmp_path / f"extra-{k}.json").write_text("{}")
     assert gpucheck.check(tmp_path / "summary.json") == [
         f"9 files under {tmp_path}: the device tool brings back at most 8, all in that folder"]
+
+
+def test_each_variant_records_and_checks_the_path_its_hops_took():
+    log = ("ts=1 level=INFO service=stage-0 event=data_path peer=stage-1 path=shm "
+           "transport=shm reason=\"peer down\"\n"
+           "ts=2 level=INFO service=stage-0 event=data_path peer=stage-1 path=cuda_ipc "
+           "transport=shm reason=-\n")
+    assert gpucheck.stream_path(log) == "cuda_ipc"  # the stream in use: the last one
+    assert gpucheck.stream_path("event=next_hop_connected") is None
+    assert gpucheck.expected_path("shm", "cuda") == "cuda_ipc"  # what a GPU run proves
+    assert gpucheck.expected_path("shm", "cpu") == "shm"
+    assert gpucheck.expected_path("grpc", "cuda:0") == "grpc"
+    assert gpucheck.expected_path(None, "cuda") is None

@@ -199,3 +199,21 @@ def test_a_config_refuses_a_cuda_graphs_that_is_not_a_boolean(tmp_path):
 
     with pytest.raises(ConfigError, match="cuda_graphs"):
         config_from_dict({"stages": [{"address": "127.0.0.1:1", "cuda_graphs": "sometimes"}]})
+
+
+def test_outputs_for_a_handoff_are_the_same_numbers(first):
+    inputs = first.validate(_good())
+    on_host, on_device = first.compute(inputs), first.compute(inputs, on_device=True)
+    for (name, a), (other, b) in zip(on_host, on_device, strict=True):
+        assert name == other and torch.equal(a, b) and b.device == first.device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_outputs_stay_on_the_device_for_a_handoff_else_come_pinned(tiny_checkpoint):
+    runner = StageRunner.from_checkpoint(tiny_checkpoint, (0, 2), device="cuda",
+                                         num_stages=2, cuda_graphs=False)
+    inputs = runner.validate(_good())
+    on_host, on_device = runner.compute(inputs), runner.compute(inputs, on_device=True)
+    for (_, a), (_, b) in zip(on_host, on_device, strict=True):
+        assert a.device.type == "cpu" and a.is_pinned()  # the one staging path
+        assert b.is_cuda and torch.equal(a, b.cpu())

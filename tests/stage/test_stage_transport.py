@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import signal
 from pathlib import Path
@@ -60,10 +61,12 @@ def test_shared_memory_carries_the_same_bytes_as_grpc(chains):
         assert torch.equal(a, b)  # the same bytes through another path: bit-identical
     for stage in auto[:2]:  # each stage with a next hop negotiated shm, probe and all
         assert "event=shm_negotiated" in stage.log()
+        assert "event=data_path peer=stage-" in stage.log() and " path=shm " in stage.log()
     assert not any("shm_negotiated" in stage.log() for stage in grpc)
 
 
-def test_shm_transport_refuses_a_peer_that_shares_no_memory(chains, tmp_path, monkeypatch):
+def test_shm_transport_refuses_a_peer_that_shares_no_memory(chains, tmp_path, monkeypatch,
+                                                            caplog):
     auto, _ = chains
     # The ring lives in a folder the stage never looks in: as on another host.
     monkeypatch.setattr(client_module, "ShmRing", functools.partial(ShmRing, directory=tmp_path))
@@ -82,8 +85,11 @@ def test_shm_transport_refuses_a_peer_that_shares_no_memory(chains, tmp_path, mo
         asyncio.run(call("shm"))
     assert refused.value.code == StatusCode.FAILED_PRECONDITION
     assert "shares no memory" in refused.value.message and "cannot open" in refused.value.message
+    caplog.set_level(logging.INFO, logger="ditserve")
     (outputs, _), negotiated = asyncio.run(call("auto"))  # auto: the bytes go over gRPC
     assert negotiated == "grpc" and outputs["out"].shape[0] == 1
+    [path] = [r for r in caplog.records if r.getMessage() == "data_path"]
+    assert path.fields["path"] == "grpc" and "cannot open" in path.fields["reason"]
     assert not list(tmp_path.iterdir())  # the refused ring was unlinked by its writer
 
 

@@ -4,24 +4,31 @@ exists (skipped otherwise: it has not run on a GPU yet)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 
 import pytest
 import torch
+from ditserve.wire import ByteBudget, FrameAssembler, lean_frames
 from ditserve.wire.codec import WireError
 from ditserve.wire.cuda_ipc import (
+    CPU_SHARED,
+    CUDA_IPC,
+    HANDOFFS,
     MAX_HANDLE_BYTES,
     CudaHandle,
     HandoffError,
     HandoffLedger,
     PinnedStaging,
+    accept_probe,
     check_probe,
     choose_path,
     export_tensor,
     import_tensor,
     probe_token,
 )
+from ditserve_client.proto.dit.v1 import stage_pb2
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -219,3 +226,108 @@ def test_handoff_between_processes_copies_device_to_device():
     finally:
         done.set()
         child.join(60)
+
+
+# -- the handoff as injected: CPU_SHARED (torch's CPU sharing) stands in for CUDA IPC --
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64])
+def test_cpu_shared_round_trip_copies_the_tensor_out(dtype):
+    tensor = torch.arange(2 * 3 * 4).reshape(2, 3, 4).to(dtype).transpose(1, 2)  # strided
+    handle, kept = CPU_SHARED.export(tensor)
+    parsed = CudaHandle.from_bytes(handle.to_bytes())  # as a receiver gets it
+    copy = CPU_SHARED.open(parsed, None)
+    assert torch.equal(copy, tensor) and copy.is_contiguous()
+    kept.zero_()  # the sender's memory changes after the acknowledgement: the copy does not
+    assert torch.equal(copy, tensor)
+
+
+def test_cpu_shared_refuses_handles_that_name_no_shared_file():
+    handle, _ = CPU_SHARED.export(torch.zeros(4))
+    for changes in ({"handle": b"/etc/passwd"}, {"ref_counter_handle": b"nowhere"},
+                    {"handle": b"/torch_1_2_3"}):
+        with pytest.raises(HandoffError, match=r"cpu-shared handle|cannot open"):
+            CPU_SHARED.open(dataclasses.replace(handle, **changes), None)
+    with pytest.raises(HandoffError, match="needs a CPU tensor"):
+        CPU_SHARED.export(torch.zeros(1, device="meta"))
+
+
+def test_handoffs_say_which_devices_they_serve():
+    assert CPU_SHARED.usable("cpu") and not CPU_SHARED.usable("cuda")
+    assert not CUDA_IPC.usable("cpu")
+    assert CUDA_IPC.usable("cuda:0") == torch.cuda.is_available()
+    assert HANDOFFS == {"cuda": CUDA_IPC, "cpu-shared": CPU_SHARED}
+    # The emulation's device type counts as "both ends on the handoff's device".
+    assert choose_path("auto", "cpu", "cpu", True, True, handoff_device="cpu") == "cuda_ipc"
+    assert choose_path("auto", "cpu", "cpu", True, True) == "shm"
+
+
+def test_the_probe_reads_back_through_cpu_shared():
+    token = probe_token()
+    handle, kept = CPU_SHARED.export(torch.frombuffer(bytearray(token), dtype=torch.uint8))
+    assert check_probe(handle, token, lambda h: CPU_SHARED.open(h, None))
+    assert not check_probe(handle, probe_token(), lambda h: CPU_SHARED.open(h, None))
+    del kept  # the sender lets go: its shared file goes with the last mapping
+    assert not check_probe(handle, token, lambda h: CPU_SHARED.open(h, None))
+
+
+# -- handles in frames: the FrameAssembler's side --
+
+def _request(mb_id: int, tensors, handles) -> stage_pb2.ForwardRequest:
+    return lean_frames(stage_pb2.ForwardRequest, mb_id, tensors, handles=handles)[0].header
+
+
+def test_assembler_opens_handles_and_charges_the_budget():
+    h, c = torch.randn(2, 16, 8).bfloat16(), torch.randn(2, 8).bfloat16()
+    exported = [CPU_SHARED.export(t) for t in (h, c)]
+    budget = ByteBudget(1 << 20)
+    assembler = FrameAssembler(budget=budget)
+    assembler.handoff = lambda handle: CPU_SHARED.open(handle, None)
+    frame = _request(5, [("h", h), ("c", c)], [handle for handle, _ in exported])
+    assert frame.payload_bytes == (2 * 16 * 8 + 2 * 8) * 2 and not frame.chunk
+    microbatch = assembler.add(frame)
+    assert torch.equal(microbatch.tensors["h"], h) and torch.equal(microbatch.tensors["c"], c)
+    assert budget.used == frame.payload_bytes  # the copies count as received bytes
+    assembler.release(5)
+    assert budget.used == 0
+
+
+def test_assembler_refuses_handles_it_did_not_negotiate_or_that_do_not_fit():
+    h = torch.randn(2, 16, 8)
+    handle, _ = CPU_SHARED.export(h)
+    frame = _request(1, [("h", h)], [handle])
+    assembler = FrameAssembler(budget=ByteBudget(1 << 20))
+    with pytest.raises(WireError, match="negotiated no CUDA IPC"):
+        assembler.add(frame)
+    assembler.handoff = lambda handle: CPU_SHARED.open(handle, None)
+    mismatched = _request(2, [("h", h)], [dataclasses.replace(handle, shape=(2, 8, 16),
+                                                              stride=(128, 16, 1))])
+    del mismatched.tensors[0].shape[:]
+    mismatched.tensors[0].shape.extend([2, 16, 8])  # the spec says otherwise
+    with pytest.raises(WireError, match=r"cuda_handles\[0\] \(h\): describes FP32 \[2, 8, 16\]"):
+        assembler.add(mismatched)
+    follower = stage_pb2.ForwardRequest(microbatch_id=3, cuda_handles=[handle.to_bytes()])
+    with pytest.raises(WireError, match="not its first"):
+        assembler.add(follower)
+    both = _request(4, [("h", h)], [handle])
+    both.shm_slot = 1
+    with pytest.raises(WireError, match="a payload has one place"):
+        assembler.add(both)
+    assert assembler.budget.used == 0  # nothing failed holds bytes
+
+
+def test_accept_probe_gives_an_opener_only_for_a_probe_that_reads_back():
+    token = probe_token()
+    probe, kept = CPU_SHARED.export(torch.frombuffer(bytearray(token), dtype=torch.uint8))
+    cpu = torch.device("cpu")
+    opener, reason = accept_probe(CPU_SHARED, cpu, "cpu-shared", probe.to_bytes(), token)
+    assert reason == "" and torch.equal(opener(probe), torch.tensor(list(token), dtype=torch.uint8))
+    good = probe.to_bytes()
+    for handoff, method, data, read_back, words in [
+            (CUDA_IPC, "cpu-shared", good, token, "this stage opens 'cuda'"),
+            (CUDA_IPC, "cuda", good, token, "computes on cpu"),
+            (CPU_SHARED, "cpu-shared", b"{}", token, "malformed"),
+            (CPU_SHARED, "cpu-shared", good, token[:8], "must be 16 UINT8 bytes"),
+            (CPU_SHARED, "cpu-shared", good, probe_token(), "could not open")]:
+        opener, reason = accept_probe(handoff, cpu, method, data, read_back)
+        assert opener is None and words in reason
+    del kept

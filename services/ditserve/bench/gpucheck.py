@@ -11,7 +11,9 @@ time records why; the others still run):
 - pipelines: 1-, 2- and 4-stage pipelines of stage processes on the one device, with
              `transport: grpc` and `transport: shm` (CUDA IPC between CUDA stages): the step
              latency of one request (exact, and async mode beside it with 2+ stages)
-             and images/s at 16 clients;
+             and images/s at 16 clients; each row records the data path every hop's
+             stream took (`paths`, from the stages' `data_path` log lines) and fails
+             unless it is the one its transport must take (`expected_path`);
 - diffusers: diffusers' DiTPipeline on the same device at the same settings.
 
 The summary (summary.json) lists every part with "ok", "failed" or "timeout"; the command
@@ -27,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -297,6 +300,11 @@ async def _pipeline(s: Settings, config, path: Path, stages: int, transport: str
                          if stages > 1 else None)
         finally:
             await chain.close()
+        paths = {p.name: stream_path(p.log()) for p in processes[:-1]}  # each hop's sender
+        expected = expected_path(transport, s.device)
+        if expected is not None and any(path != expected for path in paths.values()):
+            raise RuntimeError(f"the hops used {paths}, transport {transport} on "
+                               f"{s.device} should use {expected}")
     except Exception as error:  # a stage that failed mid-run: its own words, not only gRPC's
         tails = {p.name: p.log_tail(20) for p in processes if p.proc is not None}
         raise RuntimeError(f"{type(error).__name__}: {error}; stage logs: {tails}") from error
@@ -305,11 +313,28 @@ async def _pipeline(s: Settings, config, path: Path, stages: int, transport: str
         for process in processes:
             process.close()
     row = {"step_ms_one_request": 1e3 * one / s.steps, "images_per_s": s.clients / many,
-           "clients": s.clients, "steps": s.steps}
+           "clients": s.clients, "steps": s.steps, "paths": paths, "expected_path": expected}
     if one_async is not None:
         row |= {"step_ms_one_request_async": 1e3 * one_async / s.steps,
                 "async_over_exact": one_async / one}
     return row
+
+
+def stream_path(log: str) -> str | None:
+    """The data path of a stage's stream to its next hop, from its log: the last
+    `event=data_path` line ("cuda_ipc", "shm" or "grpc"; None when it logged none)."""
+    paths = re.findall(r"event=data_path \S+ path=(\S+)", log)
+    return paths[-1] if paths else None
+
+
+def expected_path(transport: str | None, device: str) -> str | None:
+    """The path every hop of a variant must take: `transport: shm` between CUDA stages
+    is CUDA IPC (what a GPU run proves), between CPU stages shared memory."""
+    if transport is None:
+        return None  # a tree without the transport field: whatever it does
+    if transport == "grpc":
+        return "grpc"
+    return "cuda_ipc" if device.startswith("cuda") else "shm"
 
 
 def _stage_processes(s: Settings, path: Path, stages: int, transport: str | None,

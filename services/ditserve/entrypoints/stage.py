@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(no checkpoint; needs --model; see `ditserve bench transport`)")
     parser.add_argument("--latent-size", type=int, default=32,
                         help="with --relay: latent side of the activations (default 32)")
+    parser.add_argument("--handoff", choices=("cuda", "cpu-shared"), default="cuda",
+                        help="tests only: cpu-shared runs the CUDA IPC handoff protocol "
+                             "between CPU stages with torch's CPU shared memory (default "
+                             "cuda)")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds in-flight calls get to finish on SIGTERM (default 5)")
     add_security_arguments(parser)
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.grace < 0:
         raise CommandError(f"--grace must not be negative, got {args.grace}")
     options.grace = args.grace
+    options.handoff = args.handoff
     configure_logging(f"stage-{options.stage_index}", env.log_level)
     return serve(options)
 

@@ -12,6 +12,11 @@ stage 0 (through `chain.remote.RemoteChain`):
   backing off waits for the next attempt for at most `reconnect_wait` seconds, then
   fails UNAVAILABLE rather than queue behind a dead peer (a stage that started before
   its next hop, or a hop restarting, is then no error at all).
+- Each stream negotiates its data path when it opens (docs/ARCHITECTURE.md §5): a
+  shared-memory ring (wire/shm.py) and, from a CUDA stage, a CUDA IPC probe
+  (wire/cuda_ipc.py); `negotiated` says which path won (cuda_ipc, shm or grpc), a
+  `data_path` log line and the dit_data_path_streams gauge say why. A microbatch that
+  cannot take the stream's path (a full ledger or ring) goes by the next one down.
 
 References: Triton's gRPC streaming inference (in-stream per-request errors), grpc
 Python aio bidi streaming examples.
@@ -33,7 +38,7 @@ from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 from ditserve.common.errors import error_from_rpc, error_from_status
 from ditserve.common.grpc_options import MAX_MESSAGE_BYTES, channel_options
 from ditserve.common.logs import log_event
-from ditserve.common.metrics import WIRE_BYTES
+from ditserve.common.metrics import DATA_PATH_STREAMS, HANDOFFS_HELD, MICROBATCHES_SENT, WIRE_BYTES
 from ditserve.common.status import ServiceError, StatusCode
 from ditserve.config import Transport
 from ditserve.security.tls import Dialer
@@ -45,11 +50,23 @@ from ditserve.wire import (
     parse_response,
     serialize,
 )
+from ditserve.wire.cuda_ipc import (
+    CUDA_IPC,
+    DataPath,
+    Handoff,
+    HandoffError,
+    HandoffLedger,
+    PinnedStaging,
+    choose_path,
+    probe_token,
+)
 from ditserve.wire.shm import DEFAULT_SLOTS, ShmRing, ShmUnavailable
 
 from .runner import StageDescription
 
 _wire_bytes = functools.cache(WIRE_BYTES.labels)  # per microbatch: the child, cached
+_sent = functools.cache(MICROBATCHES_SENT.labels)
+_held = functools.cache(HANDOFFS_HELD.labels)
 
 INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 2.0
@@ -64,6 +81,8 @@ DESCRIBE_HOP_MARGIN_S = 0.5
 FORWARD_METHOD = "/dit.v1.StageService/Forward"
 DEFAULT_SLOT_BYTES = 48 << 20
 """Shared-memory slot size when the caller gives none: 64 rows of DiT-XL/2 h at 256 px."""
+MAX_OUTSTANDING = 64
+"""Microbatches a stream keeps alive for their acknowledgement under cuda_ipc."""
 NEGOTIATION_WAIT_S = 5.0
 """How long a call waits for the peer's answer to the stream's shared-memory offer."""
 
@@ -76,16 +95,27 @@ class StageClient:
     def __init__(self, address: str, peer: str = "stage", chunk_bytes: int = CHUNK_BYTES,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, dialer: Dialer | None = None,
                  transport: Transport = "grpc", slot_bytes: int | None = None,
-                 slots: int = DEFAULT_SLOTS):
+                 slots: int = DEFAULT_SLOTS, device: str = "cpu", handoff: Handoff = CUDA_IPC,
+                 max_handoffs: int = MAX_OUTSTANDING):
         """`transport` "auto"/"shm" offers a shared-memory ring of `slots` slots of
         `slot_bytes` (default DEFAULT_SLOT_BYTES) when each stream opens; "grpc" sends
         every byte over the stream. With "shm" a refused offer fails every call
-        FAILED_PRECONDITION; with "auto" the bytes then go over gRPC."""
+        FAILED_PRECONDITION; with "auto" the bytes then go over gRPC. Beside the ring, a
+        client whose tensors live on a `device` the `handoff` serves (CUDA) offers the
+        CUDA probe: if the peer passes it, tensors on that device go as handles, at most
+        `max_handoffs` microbatches unacknowledged (the rest by the ring or bytes)."""
         self.address, self.peer, self.chunk_bytes = address, peer, chunk_bytes
         self.transport, self.slots = transport, slots
         self.slot_bytes = slot_bytes or DEFAULT_SLOT_BYTES
+        self.device, self.handoff, self.max_handoffs = device, handoff, max_handoffs
         self._ring: ShmRing | None = None  # the current stream's ring, once accepted
         self._offered: ShmRing | None = None  # offered, not yet answered
+        self._probe: torch.Tensor | None = None  # the CUDA probe's memory, until answered
+        self._ledger: HandoffLedger | None = None  # the stream's handoffs, under cuda_ipc
+        self._path: DataPath = "grpc"  # the current stream's data path
+        self._path_reason = ""  # why it is not cuda_ipc ("" when it is)
+        self._announced = False  # the path of the open stream was logged and counted
+        self._staging = PinnedStaging()  # device tensors that go as bytes or by slot
         self._refusal = ""  # why the last offer failed ("" while none did)
         self._answered = asyncio.Event()  # the offer of the current stream was answered
         self._slot_of: dict[int, int] = {}  # microbatch id → its ring slot, until released
@@ -120,27 +150,72 @@ class StageClient:
         await self._queue()
         await self._negotiated()
         queue = await self._queue()  # again: the stream may have changed meanwhile
-        mb_id = next(self._ids)
-        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
-        slot = self._ring.take(nbytes) if self._ring is not None else None
-        frames = lean_frames(stage_pb2.ForwardRequest, mb_id, tensors, self.chunk_bytes,
-                             slot=slot, request_ids=list(request_ids), origin=origin)
-        if slot is not None:
-            self._slot_of[mb_id] = slot.number
+        mb_id, fields = next(self._ids), {"request_ids": list(request_ids), "origin": origin}
+        frames, path, buffers = self._handed_over(mb_id, tensors, fields), "cuda_ipc", []
+        if frames is None:  # bytes, by slot or over the stream
+            if any(t.device.type != "cpu" for _, t in tensors):
+                tensors, buffers = await self._to_host(tensors)
+                queue = await self._queue()  # the stream may have changed meanwhile
+            nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+            slot = self._ring.take(nbytes) if self._ring is not None else None
+            frames = lean_frames(stage_pb2.ForwardRequest, mb_id, tensors, self.chunk_bytes,
+                                 slot=slot, **fields)
+            path = "grpc" if slot is None else "shm"
+            if slot is not None:
+                self._slot_of[mb_id] = slot.number
         future = asyncio.get_running_loop().create_future()
         self._inflight[mb_id] = future
         for frame in frames:
             queue.put_nowait(frame)
         _wire_bytes("tx", self.peer).inc(frames[0].payload_bytes)
+        _sent(self.peer, path).inc()
         try:
-            return await future
+            result = await future
         finally:
             self._inflight.pop(mb_id, None)
+        for buffer in buffers:  # the reply came: the peer has every byte of the frames
+            self._staging.give_back(buffer)
+        return result
+
+    def _handed_over(self, mb_id: int, tensors: Sequence[tuple[str, torch.Tensor]],
+                     fields: dict[str, Any]) -> list[Any] | None:
+        """The one frame of a microbatch handed over by CUDA IPC handles, its tensors held
+        in the ledger until the reply; None when it must go another way (the stream is not
+        on cuda_ipc, a tensor is elsewhere, or the ledger is full)."""
+        ledger = self._ledger
+        if (ledger is None or ledger.outstanding >= ledger.max_outstanding
+                or not all(self.handoff.usable(t.device) for _, t in tensors)):
+            return None
+        try:
+            exported = [self.handoff.export(t) for _, t in tensors]
+        except (HandoffError, RuntimeError) as error:
+            log_event("handoff_failed", level=30, peer=self.peer, error=str(error))
+            return None
+        ledger.hold(mb_id, [kept for _, kept in exported])
+        _held(self.peer).set(ledger.outstanding)
+        return lean_frames(stage_pb2.ForwardRequest, mb_id, tensors,
+                           handles=[handle for handle, _ in exported], **fields)
+
+    async def _to_host(self, tensors: Sequence[tuple[str, torch.Tensor]],
+                       ) -> tuple[list[tuple[str, torch.Tensor]], list[torch.Tensor]]:
+        """Device tensors' host copies through the pinned staging buffers (the runner's
+        own path; here for a microbatch that could not be handed over), waited for off
+        the loop; the buffers go back once the reply shows the bytes were sent."""
+        host, buffers, events = self._staging.to_host_all([t for _, t in tensors])
+        if events:
+            await asyncio.to_thread(lambda: [event.synchronize() for event in events])
+        return [(name, t) for (name, _), t in zip(tensors, host, strict=True)], buffers
 
     @property
-    def negotiated(self) -> str:
-        """The current stream's data path: "shm" (a ring accepted) or "grpc"."""
-        return "shm" if self._ring is not None else "grpc"
+    def negotiated(self) -> DataPath:
+        """The current stream's data path: "cuda_ipc", "shm" or "grpc"."""
+        return self._path
+
+    @property
+    def hands_over(self) -> bool:
+        """Whether the current stream takes tensors on this client's device by handle
+        (a stage then keeps its outputs on the device)."""
+        return self._ledger is not None
 
     async def _negotiated(self) -> None:
         """Waits for the answer to this stream's offer; FAILED_PRECONDITION under
@@ -161,28 +236,40 @@ class StageClient:
                                      response_deserializer=parse_response)
 
     def _offer(self, queue: asyncio.Queue) -> None:
-        """Creates this stream's ring and queues the offer, ahead of any microbatch (calls
-        wait for the answer before they encode)."""
+        """Creates this stream's ring and queues the offer (with the CUDA probe when this
+        client's tensors can be handed over), ahead of any microbatch (calls wait for the
+        answer before they encode)."""
         self._answered.clear()
         if self.transport == "grpc":
-            self._answered.set()
+            self._settle_path("grpc", "transport is grpc")
             return
         try:
             ring = ShmRing(self.slot_bytes, self.slots)
         except ShmUnavailable as error:
             self._refusal = str(error)
-            self._answered.set()
             log_event("shm_unavailable", level=30, peer=self.peer, reason=self._refusal)
+            self._settle_path("grpc", self._refusal)
             return
         self._offered = ring
-        queue.put_nowait(stage_pb2.ForwardRequest(microbatch_id=0, shm_offer=stage_pb2.ShmOffer(
-            segment=ring.name, token=ring.token, slot_bytes=ring.slot_bytes, slots=ring.slots)))
+        offer = stage_pb2.ForwardRequest(microbatch_id=0, shm_offer=stage_pb2.ShmOffer(
+            segment=ring.name, token=ring.token, slot_bytes=ring.slot_bytes, slots=ring.slots))
+        if self.handoff.usable(self.device):
+            try:
+                token = probe_token()
+                handle, self._probe = self.handoff.export(torch.frombuffer(
+                    bytearray(token), dtype=torch.uint8).to(self.device))
+                offer.cuda_offer.CopyFrom(stage_pb2.CudaOffer(
+                    method=self.handoff.name, probe=handle.to_bytes(), token=token))
+            except (HandoffError, RuntimeError) as error:  # no IPC here: the ring alone
+                log_event("cuda_probe_failed", level=30, peer=self.peer, error=str(error))
+        queue.put_nowait(offer)
 
     def _on_answer(self, frame: Any) -> None:
         """The peer's answer to the offer (an error frame: a peer that predates it)."""
         ring, self._offered = self._offered, None
         if ring is None:
             return
+        offered_cuda, self._probe = self._probe is not None, None  # answered: freed
         if frame.HasField("shm_answer") and frame.shm_answer.accepted:
             ring.unlink()  # the peer unlinked it already; this covers a peer that did not
             self._ring, self._refusal = ring, ""
@@ -193,22 +280,69 @@ class StageClient:
             self._refusal = (frame.shm_answer.reason if frame.HasField("shm_answer")
                              else f"the peer does not take shared memory ({frame.error.message})")
             log_event("shm_refused", level=30, peer=self.peer, reason=self._refusal)
+        cuda = frame.cuda_answer if frame.HasField("cuda_answer") else None
+        try:
+            path = choose_path(self.transport, str(self.device),
+                               cuda.device if cuda is not None else "", self._ring is not None,
+                               cuda is not None and cuda.accepted, self.handoff.device_type)
+        except HandoffError:  # transport shm, no shared memory: calls fail (_negotiated)
+            path = "grpc"
+        if path == "cuda_ipc":
+            self._ledger = HandoffLedger(self.max_handoffs)
+            reason = ""
+        elif self._refusal:  # no shared memory, so no CUDA IPC either
+            reason = self._refusal
+        elif not offered_cuda:
+            reason = (f"no CUDA probe offered: tensors on {self.device} are not handed "
+                      f"over by {self.handoff.name!r}")
+        elif cuda is None:
+            reason = "the peer did not answer the CUDA probe (it predates CUDA IPC)"
+        else:
+            reason = cuda.reason or f"the peer computes on {cuda.device}"
+        self._settle_path(path, reason)
+
+    def _settle_path(self, path: DataPath, reason: str) -> None:
+        """The stream's data path is known: calls may go; announced once connected."""
+        self._path, self._path_reason = path, reason
         self._answered.set()
+        if self._connected.is_set():
+            self._announce_path()
+
+    def _announce_path(self) -> None:
+        """Logs and counts the path of a stream that is open (not of every attempt)."""
+        if not self._announced:
+            self._announced = True
+            DATA_PATH_STREAMS.labels(self.peer, self._path).inc()
+            log_event("data_path", peer=self.peer, path=self._path, transport=self.transport,
+                      reason=self._path_reason or "-")
 
     def _drop_rings(self) -> None:
         """The stream ended: its ring goes with it (a new stream offers a fresh one), so
-        no slot a dead or departed reader may hold is ever written again."""
+        no slot a dead or departed reader may hold is ever written again; the ledger lets
+        go of every tensor it held (a receiver that is gone will not acknowledge; a live
+        one still mapping an allocation keeps it through torch's IPC reference count)."""
         for ring in (self._ring, self._offered):
             if ring is not None:
                 ring.close()
-        self._ring = self._offered = None
+        self._ring = self._offered = self._probe = None
         self._slot_of.clear()
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+            _held(self.peer).set(0)
+        if self._announced:  # a stream whose path was counted: no longer open
+            DATA_PATH_STREAMS.labels(self.peer, self._path).dec()
+            self._announced = False
+        self._path = "grpc"
         self._answered.set()  # waiting calls find the stream down and fail UNAVAILABLE
 
-    def _release_slot(self, mb_id: int) -> None:
+    def _release(self, mb_id: int) -> None:
+        """The peer is done with the microbatch's slot or handed-over tensors."""
         number = self._slot_of.pop(mb_id, None)
         if number is not None and self._ring is not None:
             self._ring.give(number)
+        if self._ledger is not None and self._ledger.acknowledge(mb_id):
+            _held(self.peer).set(self._ledger.outstanding)
 
     def _set_queue(self, queue: asyncio.Queue | None) -> None:
         self._send = queue
@@ -264,6 +398,8 @@ class StageClient:
                 connected = True
                 self._connected.set()
                 log_event("next_hop_connected", peer=self.peer, address=self.address)
+                if self._answered.is_set():  # settled before the stream opened (grpc)
+                    self._announce_path()
             async for frame in call:
                 self._on_frame(frame, assembler)
             reason = "stream closed by the peer"
@@ -293,9 +429,9 @@ class StageClient:
             self._on_answer(frame)
             return
         if frame.shm_released_slot:
-            self._release_slot(frame.microbatch_id)
+            self._release(frame.microbatch_id)
             return
-        self._release_slot(frame.microbatch_id)  # answered: the reader is done with it
+        self._release(frame.microbatch_id)  # answered (or failed): the reader is done
         future = self._inflight.get(frame.microbatch_id)
         if frame.HasField("error"):
             assembler.release(frame.microbatch_id)

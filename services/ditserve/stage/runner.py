@@ -28,6 +28,7 @@ from ditserve.model.configs import DiTConfig
 from ditserve.model.graphs import CudaGraphs, graph_batch_sizes
 from ditserve.wire import DTYPES, WIRE_DTYPE_NAMES, WireError
 from ditserve.wire.codec import NAMES
+from ditserve.wire.cuda_ipc import PinnedStaging
 
 NUM_TIMESTEPS = 1000
 """Timesteps t must lie in [0, NUM_TIMESTEPS): the model's diffusion scale."""
@@ -78,6 +79,7 @@ class StageRunner:
         self.model = stage_view(model, blocks)
         self.graphs = (CudaGraphs(self._forward, graph_batch_sizes(max_batch_size))
                        if cuda_graphs and self.device.type == "cuda" else None)
+        self.staging = PinnedStaging()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     @classmethod
@@ -163,8 +165,10 @@ class StageRunner:
     # -- compute --
 
     @torch.inference_mode()
-    def compute(self, inputs: Tensors) -> list[tuple[str, torch.Tensor]]:
-        """Validated inputs → ("h", "c") in the wire dtype, or ("out",) FP32 if last."""
+    def compute(self, inputs: Tensors, on_device: bool = False) -> list[tuple[str, torch.Tensor]]:
+        """Validated inputs → ("h", "c") in the wire dtype, or ("out",) FP32 if last: in
+        host memory, or with `on_device` left where they were computed (for a next hop
+        that takes them by CUDA IPC handle)."""
         if self.is_first:
             args = (inputs["x"].to(self.device, self.dtype),  # (N, C, L, L)
                     inputs["t"].to(self.device, torch.float32),  # (N,): one dtype per graph
@@ -173,9 +177,28 @@ class StageRunner:
             args = (inputs["h"].to(self.device, self.dtype),  # (N, T, D)
                     inputs["c"].to(self.device, self.dtype))  # (N, D)
         outputs = (self.graphs or self._forward)(*args)
+        if not on_device:
+            outputs = self._to_host(outputs)
+        elif self.device.type == "cuda":
+            # Complete before they are handed over: the receiver's import then waits for
+            # its copy only, and never blocks its event loop behind our kernels.
+            torch.cuda.current_stream(self.device).synchronize()
         if self.is_last:
-            return [("out", _to_host(outputs[0]))]  # (N, C_out, L, L)
-        return [("h", _to_host(outputs[0])), ("c", _to_host(outputs[1]))]
+            return [("out", outputs[0])]  # (N, C_out, L, L)
+        return [("h", outputs[0]), ("c", outputs[1])]  # (N, T, D), (N, D)
+
+    def _to_host(self, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Device tensors' copies in host memory for the wire, through the one staging
+        path (wire/cuda_ipc.PinnedStaging: page-locked buffers, non_blocking copies),
+        waited for here, on the compute thread, so the bytes are complete before the loop
+        reads them. CPU tensors pass through. (Written for GPU stages; no GPU was
+        available when it was written: it has never run on one.)"""
+        host, _, events = self.staging.to_host_all(tensors)
+        for event in events:
+            event.synchronize()
+        # The buffers are not given back: a frame's bytes live as long as the frame, and
+        # torch's caching host allocator reuses a page-locked block once it is freed.
+        return host
 
     def _forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """On the device: (x, t, y) or (h, c) → (h, c) in the wire dtype, or (out,) FP32
@@ -186,15 +209,18 @@ class StageRunner:
             return (self.model.head(h, c).float(),)
         return h.to(self.wire_torch_dtype), c.to(self.wire_torch_dtype)
 
-    def compute_timed(self, inputs: Tensors) -> tuple[list[tuple[str, torch.Tensor]], float]:
+    def compute_timed(self, inputs: Tensors, on_device: bool = False,
+                      ) -> tuple[list[tuple[str, torch.Tensor]], float]:
         start = time.perf_counter()
-        outputs = self.compute(inputs)
+        outputs = self.compute(inputs, on_device)
         return outputs, time.perf_counter() - start
 
-    async def submit(self, inputs: Tensors) -> tuple[list[tuple[str, torch.Tensor]], float]:
+    async def submit(self, inputs: Tensors, on_device: bool = False,
+                     ) -> tuple[list[tuple[str, torch.Tensor]], float]:
         """`compute` on the runner's compute thread; returns outputs and seconds taken."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.compute_timed, inputs)
+        return await loop.run_in_executor(self._executor, self.compute_timed, inputs,
+                                          on_device)
 
     def example_inputs(self, n: int = 1) -> Tensors:
         """A valid microbatch of n rows (for the warm-up forward)."""
@@ -222,20 +248,6 @@ class StageRunner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A device tensor's copy in host memory for the wire. On CUDA the copy goes into
-    page-locked memory (torch's caching host allocator reuses it) with non_blocking=True,
-    a DMA that does not stage through pageable memory, and waits for it here, on the
-    compute thread, so the bytes are complete before the loop reads them. (Written for
-    GPU stages; no GPU was available when it was written: it has never run on one.)"""
-    if tensor.device.type != "cuda":
-        return tensor.cpu()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    torch.cuda.current_stream(tensor.device).synchronize()
-    return host
 
 
 def _check_holds(model: DiT, blocks: tuple[int, int]) -> None:
@@ -314,12 +326,13 @@ class RelayRunner(StageRunner):
     def is_last(self) -> bool:
         return self._last
 
-    async def submit(self, inputs: Tensors) -> tuple[list[tuple[str, torch.Tensor]], float]:
+    async def submit(self, inputs: Tensors, on_device: bool = False,
+                     ) -> tuple[list[tuple[str, torch.Tensor]], float]:
         """On the loop: there is nothing to compute, so no hand-off to a compute thread
         (a real stage's costs ~0.04 ms idle, ~1 ms on a loaded 2-core machine: BENCHMARKS)."""
         return self.compute_timed(inputs)
 
-    def compute(self, inputs: Tensors) -> list[tuple[str, torch.Tensor]]:
+    def compute(self, inputs: Tensors, on_device: bool = False) -> list[tuple[str, torch.Tensor]]:
         if self._last:
             return [("out", inputs["c"])]  # (N, D): a small reply, as the real one is
         return [("h", inputs["h"]), ("c", inputs["c"])]

@@ -20,6 +20,7 @@ from ditserve.config import SecurityConfig, Transport
 from ditserve.model.checkpoint import CheckpointReader
 from ditserve.model.configs import DiTConfig
 from ditserve.security.service import ServiceSecurity
+from ditserve.wire.cuda_ipc import HANDOFFS
 
 from .client import StageClient
 from .runner import RelayRunner, StageRunner
@@ -70,6 +71,10 @@ class StageOptions:
     """How activations reach the next stage (PipelineConfig.transport)."""
     relay: DiTConfig | None = None
     """Benchmark only: serve a RelayRunner of this config (no weights, blocks skipped)."""
+    handoff: str = "cuda"
+    """How device tensors are handed over on a cuda_ipc stream, in both directions:
+    "cuda" (CUDA IPC), or "cpu-shared" (tests only: torch's CPU shared memory in place of
+    CUDA IPC, so CPU stages run the whole protocol; wire/cuda_ipc.HANDOFFS)."""
 
 
 async def serve(options: StageOptions) -> None:
@@ -80,12 +85,14 @@ async def serve(options: StageOptions) -> None:
     security = ServiceSecurity.internal(options.security, name, [caller])
     lifecycle = ServiceLifecycle(name, options.listen, [SERVICE_NAME],
                                  options.metrics_port, options.grace, security=security)
+    handoff = HANDOFFS[options.handoff]
     next_hop = None
     if options.next_address:
         next_hop = StageClient(options.next_address, peer=f"stage-{options.stage_index + 1}",
-                               dialer=security.dialer(), transport=options.transport)
+                               dialer=security.dialer(), transport=options.transport,
+                               handoff=handoff)
         lifecycle.on_shutdown(next_hop.close)
-    servicer = StageServicer(None, next_hop)
+    servicer = StageServicer(None, next_hop, handoff=handoff)
     add_to_server(servicer, lifecycle.server)
     await lifecycle.start()  # health answers NOT_SERVING while the weights load
     runner = await asyncio.to_thread(_load, options)
@@ -95,6 +102,7 @@ async def serve(options: StageOptions) -> None:
               seconds=round(seconds, 4), next=options.next_address or "-")
     if next_hop is not None:
         next_hop.slot_bytes = runner.max_output_bytes()  # a slot holds the largest output
+        next_hop.device = str(runner.device)  # where its outputs live: CUDA ones by handle
         next_hop.start()  # connect early; the stream reconnects by itself if it fails
     servicer.runner = runner
     servicer.serving = True

@@ -42,6 +42,7 @@ from ditserve.wire import (
     parse_request,
     serialize,
 )
+from ditserve.wire.cuda_ipc import CUDA_IPC, Handoff, accept_probe
 from ditserve.wire.shm import ShmUnavailable, ShmView
 
 from . import metrics
@@ -72,9 +73,10 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
 
     def __init__(self, runner: StageRunner | None, next_hop: StageClient | None = None,
                  receive_budget_bytes: int | None = None, stream_share_bytes: int | None = None,
-                 idle_timeout: float = IDLE_TIMEOUT_S):
+                 idle_timeout: float = IDLE_TIMEOUT_S, handoff: Handoff = CUDA_IPC):
         self.runner: StageRunner | None = runner  # None while the weights load
         self.next_hop = next_hop
+        self.handoff = handoff  # how CUDA IPC handles from the caller are opened
         self.serving = False
         self.idle_timeout = idle_timeout
         self._budget_bytes = receive_budget_bytes
@@ -145,8 +147,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         violation = None
         try:
             async for frame in request_iterator:
-                if frame.HasField("shm_offer"):
-                    replies.put_nowait(self._answer_offer(frame.shm_offer, assembler))
+                if frame.HasField("shm_offer") or frame.HasField("cuda_offer"):
+                    replies.put_nowait(self._answer_offer(frame, assembler))
                     continue
                 # A microbatch in a shared-memory slot is read in place: its reply (or
                 # error) frees the slot at the sender, so no frame of its own does.
@@ -187,10 +189,22 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             replies.put_nowait(_END)
         return violation
 
-    def _answer_offer(self, offer: Any, assembler: FrameAssembler) -> stage_pb2.ForwardResponse:
+    def _answer_offer(self, frame: Any, assembler: FrameAssembler) -> stage_pb2.ForwardResponse:
+        """The answer to the stream's probes: the shared-memory ring, then the CUDA one."""
+        answer = stage_pb2.ForwardResponse(microbatch_id=0, shm_answer=self._answer_shm(
+            frame.shm_offer, assembler))
+        if frame.HasField("cuda_offer"):
+            reason = self._answer_cuda(frame.cuda_offer, assembler)
+            answer.cuda_answer.CopyFrom(stage_pb2.CudaAnswer(
+                accepted=not reason, reason=reason, device=str(self.runner.device)))
+        return answer
+
+    def _answer_shm(self, offer: Any, assembler: FrameAssembler) -> stage_pb2.ShmAnswer:
         """Maps the caller's ring if this process shares its memory (wire/shm.py)."""
         if assembler.slots is not None:
             reason = "this stream has a ring already"
+        elif not offer.segment:
+            reason = "no shared-memory ring offered"
         else:
             try:
                 assembler.slots = ShmView(offer.segment, offer.token, offer.slot_bytes,
@@ -200,8 +214,22 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 reason = str(error)
         if reason:
             log_event("shm_refused", level=logging.INFO, reason=reason)
-        return stage_pb2.ForwardResponse(microbatch_id=0, shm_answer=stage_pb2.ShmAnswer(
-            accepted=not reason, reason=reason))
+        return stage_pb2.ShmAnswer(accepted=not reason, reason=reason)
+
+    def _answer_cuda(self, offer: Any, assembler: FrameAssembler) -> str:
+        """Opens the caller's CUDA probe (wire/cuda_ipc.py); on success the stream takes
+        payloads by handle. Returns why not ("" when accepted)."""
+        if assembler.handoff is not None:
+            opener, reason = None, "this stream negotiated CUDA IPC already"
+        elif assembler.slots is None:
+            opener, reason = None, "CUDA IPC needs the shared-memory probe to pass first"
+        else:
+            opener, reason = accept_probe(self.handoff, self.runner.device, offer.method,
+                                          offer.probe, offer.token)
+        assembler.handoff = assembler.handoff or opener
+        log_event("cuda_ipc_negotiated" if not reason else "cuda_ipc_refused",
+                  level=logging.INFO, method=offer.method, reason=reason or "-")
+        return reason
 
     async def _expire(self, assembler: FrameAssembler, replies: asyncio.Queue) -> None:
         """Fails microbatches whose bytes stopped arriving, so they free their buffers."""
@@ -246,8 +274,10 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 raise ServiceError(StatusCode.INVALID_ARGUMENT,
                                  f"{self.name}: {name}: activations hold NaN or infinity")
         try:
+            # Outputs stay on the device when the next hop takes them by handle.
+            on_device = self.next_hop is not None and self.next_hop.hands_over
             async with self.gate.turn(stream, origin):
-                outputs, seconds = await self.runner.submit(inputs)
+                outputs, seconds = await self.runner.submit(inputs, on_device)
         except Exception as error:  # a bug or a device failure: report, keep serving
             log_event("compute_failed", level=logging.ERROR, error=repr(error))
             raise ServiceError(StatusCode.INTERNAL, f"{self.name}: compute failed: {error}") from None

@@ -1,38 +1,47 @@
 """Co-located CUDA stages: activations handed over as CUDA IPC handles, and pinned host
-staging for the paths that must go through host memory (issue 13, part 4).
+staging for the paths that must go through host memory (issue 13, part 4;
+docs/ARCHITECTURE.md §5, "GPU stages").
 
 When both ends of a hop compute on CUDA and share a host (the shared-memory probe of the
 stream proved the host and IPC namespace), a microbatch's tensors need not leave the
 GPU: the sender exports each tensor's allocation as a CUDA IPC handle
 (`UntypedStorage._share_cuda_`, the machinery `torch.multiprocessing` uses), the frame
-carries the handle instead of bytes or a slot, and the receiver maps the allocation
-(`cudaIpcOpenMemHandle` through torch) and copies it device-to-device into memory of its
-own. Its acknowledgement tells the sender the allocation may be freed; until then the
-sender keeps the tensor alive (`HandoffLedger`), because freeing it would let the caching
-allocator hand the bytes to the next microbatch while the receiver still reads them.
+carries the handle instead of bytes or a slot (`ForwardRequest.cuda_handles`), and the
+receiver maps the allocation (`cudaIpcOpenMemHandle` through torch) and copies it
+device-to-device into memory of its own. The microbatch's reply (or error) tells the
+sender the allocation may be freed; until then the sender keeps the tensor alive
+(`HandoffLedger`), because freeing it would let the caching allocator hand the bytes to
+the next microbatch while the receiver still reads them.
 
-Pieces, each usable alone:
+Pieces, each usable alone (stage/client.py and stage/servicer.py put them together):
 - `choose_path`: which data path a stream uses, from the configured `transport`, where
   each end computes and what the probes proved (pure logic: tested on CPU);
 - `CudaHandle`: an exported tensor as a small JSON document, parsed strictly (never
   pickled: a peer's bytes are data, not code);
 - `export_tensor` / `import_tensor`: the CUDA calls, guarded by
   `torch.cuda.is_available()`;
+- `Handoff`: export and import as a pair the stream is given: `CUDA_IPC`, or
+  `CPU_SHARED` (torch's CPU shared memory in place of CUDA IPC: the same protocol
+  between CPU processes, so the tests run all of it but the CUDA calls);
 - `HandoffLedger`: the sender's keep-alive and acknowledgement bookkeeping, bounded;
 - `probe_token` / `check_probe`: the CUDA leg of the stream-open probe (the receiver
   reads back random bytes the sender put on its GPU), so a handle that cannot be opened
   (a GPU not visible in the receiver's container) falls back before any microbatch does;
 - `PinnedStaging`: page-locked host buffers for device→host→wire copies made with
-  `non_blocking=True`, reused by size and bounded in bytes.
+  `non_blocking=True`, reused by size and bounded in bytes: the one way a CUDA stage's
+  tensors reach host memory (the runner's outputs, the client's fallback).
 
 None of the CUDA calls has run on a GPU yet (the machines this was written on had none);
-the bookkeeping, validation and fallbacks are tested on CPU.
+the bookkeeping, validation, fallbacks and the whole protocol (through CPU_SHARED) are
+tested on CPU, and tests marked for CUDA wait for a machine with a GPU.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,14 +71,16 @@ def cuda_ready() -> bool:
 
 
 def choose_path(transport: str, local_device: str, peer_device: str, shm_shared: bool,
-                cuda_shared: bool) -> DataPath:
+                cuda_shared: bool, handoff_device: str = "cuda") -> DataPath:
     """The data path of a stream, from what both ends and the probes say.
 
     `transport`: the configured "auto", "grpc" or "shm" ("shm" means "not over the
     socket": CUDA IPC counts). `local_device`/`peer_device`: "cpu", "cuda" or "cuda:K" of
     the sender's outputs and the receiver's compute. `shm_shared`: the shared-memory
     probe passed (same host, same IPC namespace). `cuda_shared`: the CUDA probe passed
-    (the receiver opened the sender's handle and read the token back).
+    (the receiver opened the sender's handle and read the token back). `handoff_device`:
+    the device type whose memory the handoff shares ("cuda"; "cpu" for CPU_SHARED, the
+    tests' stand-in for CUDA IPC).
 
     Raises HandoffError when `transport` is "shm" and neither probe passed: a pipeline
     configured for same-host hops fails loudly instead of going slow silently."""
@@ -77,7 +88,8 @@ def choose_path(transport: str, local_device: str, peer_device: str, shm_shared:
         raise ValueError(f"transport {transport!r}: expected auto, grpc or shm")
     if transport == "grpc":
         return "grpc"
-    both_cuda = local_device.startswith("cuda") and peer_device.startswith("cuda")
+    both_cuda = (local_device.startswith(handoff_device)
+                 and peer_device.startswith(handoff_device))
     if both_cuda and shm_shared and cuda_shared:
         return "cuda_ipc"
     if shm_shared:
@@ -188,27 +200,113 @@ def import_tensor(handle: CudaHandle, device: torch.device | None = None,
                   copy: bool = True) -> torch.Tensor:
     """The tensor a peer exported, mapped from its allocation; with `copy` (the default)
     cloned device-to-device into this process's memory, so the sender may free its
-    buffer as soon as this returns (then acknowledge)."""
+    buffer as soon as this returns (then acknowledge).
+
+    The map and the copy run on a stream of their own (`_import_stream`), waited for
+    here: the caller (the event loop) then waits for this copy only, not for the
+    forward passes the compute thread has queued on the default stream. The copy is
+    recorded on the default stream, where the model reads it, so its memory is not
+    reused before those reads are done."""
     if not cuda_ready():
         raise HandoffError("CUDA IPC handle received, but this process has no CUDA")
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     try:
-        shared = rebuild_cuda_tensor(
-            torch.Tensor, torch.Size(handle.shape), handle.stride, handle.offset,
-            torch.storage.TypedStorage, DTYPES[handle.dtype], handle.device, handle.handle,
-            handle.storage_bytes, handle.storage_offset_bytes, False,
-            handle.ref_counter_handle, handle.ref_counter_offset,
-            handle.event_handle or None, handle.event_sync_required)
-    except RuntimeError as error:  # cudaIpcOpenMemHandle failed: not this host's GPU
+        stream = _import_stream(handle.device)
+        with torch.cuda.stream(stream):  # the sender's event is waited for on it too
+            shared = rebuild_cuda_tensor(
+                torch.Tensor, torch.Size(handle.shape), handle.stride, handle.offset,
+                torch.storage.TypedStorage, DTYPES[handle.dtype], handle.device,
+                handle.handle, handle.storage_bytes, handle.storage_offset_bytes, False,
+                handle.ref_counter_handle, handle.ref_counter_offset,
+                handle.event_handle or None, handle.event_sync_required)
+            if not copy:
+                return shared
+            out = torch.empty(handle.shape, dtype=shared.dtype, device=device or shared.device)
+            out.copy_(shared)  # device-to-device (or peer-to-peer to another GPU)
+        stream.synchronize()  # done before the reply acknowledges it and the sender frees it
+    except (RuntimeError, ValueError, AssertionError) as error:  # cudaIpcOpenMemHandle
+        # failed: not this host's GPU, a device index not visible here, a stale handle
         raise HandoffError(f"cannot open the CUDA IPC handle: {error}") from None
-    if not copy:
-        return shared
-    target = device or shared.device
-    out = torch.empty(handle.shape, dtype=shared.dtype, device=target)
-    out.copy_(shared)  # device-to-device on this process's current stream
-    torch.cuda.current_stream(out.device).synchronize()  # done before the ack frees it
+    out.record_stream(torch.cuda.default_stream(out.device))
     return out
+
+
+@functools.cache
+def _import_stream(device: int) -> Any:
+    """This process's stream for CUDA IPC imports on `device` (created once)."""
+    return torch.cuda.Stream(device)
+
+
+_SHM_FILE = re.compile(rb"/torch_[0-9]+_[0-9]+_[0-9]+")
+_SHM_MANAGER = re.compile(rb"/[A-Za-z0-9_./-]{1,255}/manager\.sock")
+
+
+def export_shared_cpu(tensor: torch.Tensor) -> tuple[CudaHandle, torch.Tensor]:
+    """CPU_SHARED's export: a copy of `tensor` in a shared-memory file of torch's own CPU
+    sharing (the `file_system` strategy of torch.multiprocessing), described by a
+    CudaHandle whose `handle` names the file and `ref_counter_handle` the torch shm
+    manager. Returns the handle and the copy to keep alive until acknowledged."""
+    if tensor.device.type != "cpu":
+        raise HandoffError(f"cpu-shared handoff needs a CPU tensor, got one on {tensor.device}")
+    if tensor.dtype not in NAMES:
+        raise HandoffError(f"dtype {tensor.dtype} has no wire name")
+    kept = tensor.detach().clone(memory_format=torch.contiguous_format)
+    manager, name, size = kept.untyped_storage()._share_filename_cpu_()
+    return CudaHandle(NAMES[kept.dtype], tuple(kept.shape), tuple(kept.stride()), 0, 0,
+                      bytes(name), int(size), 0, bytes(manager), 0, b"", False), kept
+
+
+def import_shared_cpu(handle: CudaHandle, device: torch.device | None = None) -> torch.Tensor:
+    """CPU_SHARED's import: maps the peer's shared file and copies the tensor out."""
+    if not (_SHM_FILE.fullmatch(handle.handle)
+            and _SHM_MANAGER.fullmatch(handle.ref_counter_handle)):
+        raise HandoffError("cpu-shared handle: not a torch shared-memory file and manager")
+    try:
+        storage = torch.UntypedStorage._new_shared_filename_cpu(
+            handle.ref_counter_handle, handle.handle, handle.storage_bytes)
+    except RuntimeError as error:  # no such file, or another size: not the sender's memory
+        raise HandoffError(f"cannot open the cpu-shared handle: {error}") from None
+    dtype = DTYPES[handle.dtype]
+    shared = torch.empty(0, dtype=dtype).set_(storage, handle.offset, handle.shape,
+                                              handle.stride)
+    return torch.empty(handle.shape, dtype=dtype).copy_(shared)  # memory of its own
+
+
+def _export_cuda(tensor: torch.Tensor) -> tuple[CudaHandle, torch.Tensor]:
+    return export_tensor(tensor), tensor
+
+
+def _import_cuda(handle: CudaHandle, device: torch.device | None = None) -> torch.Tensor:
+    return import_tensor(handle, device)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """How the cuda_ipc path hands tensors over: CUDA_IPC in production; CPU_SHARED runs
+    the same protocol (probe, handles in frames, import and copy, acknowledgement,
+    ledger) between CPU processes, so machines without a GPU can test all of it but the
+    CUDA calls themselves."""
+
+    name: str
+    """Its name in the CudaOffer ("cuda" or "cpu-shared"): both ends must agree."""
+    device_type: str
+    """The device type of the tensors it hands over ("cuda" or "cpu")."""
+    export: Callable[[torch.Tensor], tuple[CudaHandle, torch.Tensor]]
+    """A tensor → its handle, and what to keep alive until the receiver acknowledges."""
+    open: Callable[[CudaHandle, torch.device | None], torch.Tensor]
+    """A peer's handle → a copy of the tensor in this process's memory on that device."""
+
+    def usable(self, device: torch.device | str) -> bool:
+        """Whether tensors computed on `device` can be handed over (or received) here."""
+        device = torch.device(device)
+        return device.type == self.device_type and (device.type != "cuda" or cuda_ready())
+
+
+CUDA_IPC = Handoff("cuda", "cuda", _export_cuda, _import_cuda)
+CPU_SHARED = Handoff("cpu-shared", "cpu", export_shared_cpu, import_shared_cpu)
+HANDOFFS: dict[str, Handoff] = {h.name: h for h in (CUDA_IPC, CPU_SHARED)}
+"""By name, for `ditserve stage --handoff` (cpu-shared: tests only)."""
 
 
 def probe_token() -> bytes:
@@ -226,6 +324,31 @@ def check_probe(handle: CudaHandle, token: bytes,
         return bytes(tensor.reshape(-1).view(torch.uint8).cpu().numpy().tobytes()) == token
     except (HandoffError, RuntimeError):
         return False
+
+
+def accept_probe(handoff: Handoff, device: torch.device, method: str, probe: bytes,
+                 token: bytes) -> tuple[Callable[[CudaHandle], torch.Tensor] | None, str]:
+    """The receiver's answer to a CudaOffer: (the opener of this stream's handles, "") when
+    the probe reads back, else (None, why not). The probe is copied, so it must be small."""
+    if method != handoff.name:
+        return None, f"handles of method {method!r}; this stage opens {handoff.name!r}"
+    if not handoff.usable(device):
+        return None, f"this stage computes on {device}, not by {handoff.name!r} handoff"
+
+    def opener(handle: CudaHandle) -> torch.Tensor:
+        return handoff.open(handle, device)
+
+    try:
+        handle = CudaHandle.from_bytes(probe)
+    except HandoffError as error:
+        return None, str(error)
+    if len(token) != PROBE_BYTES or handle.dtype != "UINT8" or handle.shape != (PROBE_BYTES,):
+        return None, (f"the probe must be {PROBE_BYTES} UINT8 bytes, got {handle.dtype} "
+                      f"{list(handle.shape)} and a token of {len(token)} bytes")
+    if not check_probe(handle, token, opener):
+        return None, ("could not open the probe handle and read its token back (a GPU not "
+                      "visible here, IPC not permitted?)")
+    return opener, ""
 
 
 class HandoffLedger:
@@ -324,6 +447,14 @@ class PinnedStaging:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(tensor.device))
         return host, buffer, event
+
+    def to_host_all(self, tensors: Sequence[torch.Tensor]
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Any]]:
+        """`to_host` of each: (host tensors, buffers for `give_back`, events to wait on
+        before their bytes are read; none for tensors already on the host)."""
+        staged = [self.to_host(tensor) for tensor in tensors]
+        return ([host for host, _, _ in staged], [b for _, b, e in staged if e is not None],
+                [e for _, _, e in staged if e is not None])
 
     def to_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`tensor` on `device`, uploaded from pinned memory without blocking the host

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from .codec import WireError, WireOverload, WireProtocolError, check_spec, decode_tensor, encode_tensor
+from .cuda_ipc import CudaHandle, HandoffError
 from .lean import LeanFrame
 
 
@@ -44,6 +45,13 @@ class SlotReader(Protocol):
 
     def view(self, number: int, nbytes: int) -> memoryview:
         """The first `nbytes` of slot `number` (1-based), in place."""
+
+class HandleOpener(Protocol):
+    """The receiving end of a negotiated CUDA IPC handoff (wire/cuda_ipc.py)."""
+
+    def __call__(self, handle: CudaHandle) -> torch.Tensor:
+        """The peer's tensor, copied into this process's memory (HandoffError if not)."""
+
 
 CHUNK_BYTES = 1 << 20
 """Payload bytes per frame."""
@@ -120,11 +128,20 @@ def _specs(tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[dict], lis
 
 def lean_frames(message_cls: type, microbatch_id: int,
                 tensors: Sequence[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES,
-                slot: SlotWriter | None = None, **first_fields: Any) -> list[LeanFrame]:
+                slot: SlotWriter | None = None, handles: Sequence[CudaHandle] | None = None,
+                **first_fields: Any) -> list[LeanFrame]:
     """The frames of one microbatch as LeanFrames (wire/lean.py): the payload stays in the
     tensors until gRPC serialises each frame, joined once. With `slot` (a shared-memory
     slot this stream negotiated) the payload is copied into it instead, and the one frame
-    names the slot."""
+    names the slot. With `handles` (one per tensor, on a stream that negotiated CUDA IPC)
+    the one frame carries them and the payload stays in the sender's device memory."""
+    if handles is not None:
+        specs = [{"name": name, "datatype": h.dtype, "shape": list(h.shape)}
+                 for (name, _), h in zip(tensors, handles, strict=True)]
+        total = sum(check_spec(s["name"], s["datatype"], s["shape"]) for s in specs)
+        return [LeanFrame(message_cls(
+            microbatch_id=microbatch_id, tensors=specs, payload_bytes=total,
+            cuda_handles=[h.to_bytes() for h in handles], **first_fields))]
     specs, views = _specs(tensors)
     total = sum(v.nbytes for v in views)
     first = message_cls(microbatch_id=microbatch_id, tensors=specs, payload_bytes=total,
@@ -206,14 +223,22 @@ class FrameAssembler:
         self._failed: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.slots: SlotReader | None = None
         """The stream's shared-memory ring, once negotiated (payloads named by slot)."""
+        self.handoff: HandleOpener | None = None
+        """The stream's CUDA IPC opener, once negotiated (payloads named by handle)."""
 
     def add(self, frame: Any) -> Microbatch | None:
         mb_id = frame.microbatch_id
         try:
+            handles = getattr(frame, "cuda_handles", ())  # requests only, as slots are
             if frame.tensors:
                 self._start(frame)
+                if handles:
+                    return self._from_handles(frame)
                 if getattr(frame, "shm_slot", 0):  # requests only: replies come in chunks
                     return self._from_slot(frame)
+            elif handles:
+                raise WireError(f"microbatch {mb_id}: cuda_handles on a frame that is not "
+                                "its first (no tensors listed)")
             elif mb_id in self._failed:
                 return None
             return self._append(frame)
@@ -282,6 +307,39 @@ class FrameAssembler:
         self._take(mb_id, pending.total)
         pending.received = pending.total
         return self._finish(mb_id, ring.view(frame.shm_slot, pending.total))
+
+    def _from_handles(self, frame: Any) -> Microbatch:
+        """A payload in the sender's device memory: each handle opened and its tensor
+        copied into memory of ours (the opener's copy), charged to the budgets like
+        received bytes until computed. The reply (or error) of the microbatch is the
+        sender's cue to free its tensors."""
+        mb_id, pending = frame.microbatch_id, self._pending[frame.microbatch_id]
+        if self.handoff is None:
+            raise WireError(f"microbatch {mb_id}: carries cuda_handles, but this stream "
+                            "negotiated no CUDA IPC")
+        specs, handles = pending.first_frame.tensors, frame.cuda_handles
+        if frame.shm_slot or len(frame.chunk):
+            raise WireError(f"microbatch {mb_id}: cuda_handles with a slot or chunk bytes "
+                            "(a payload has one place)")
+        if len(handles) != len(specs):
+            raise WireError(f"microbatch {mb_id}: cuda_handles: {len(handles)} handles for "
+                            f"{len(specs)} tensors")
+        self._take(mb_id, pending.total)
+        pending.received = pending.total
+        tensors = {}
+        for i, (spec, data) in enumerate(zip(specs, handles, strict=True)):
+            try:
+                handle = CudaHandle.from_bytes(data)
+                if handle.dtype != spec.datatype or list(handle.shape) != list(spec.shape):
+                    raise HandoffError(f"describes {handle.dtype} {list(handle.shape)}, the "
+                                       f"tensor is {spec.datatype} {list(spec.shape)}")
+                tensors[spec.name] = self.handoff(handle)
+            except HandoffError as error:
+                raise WireError(f"microbatch {mb_id}: cuda_handles[{i}] ({spec.name}): "
+                                f"{error}") from None
+        self._pending.pop(mb_id)
+        self._busy[mb_id] = pending.received
+        return Microbatch(mb_id, tensors, pending.first_frame)
 
     def _finish(self, mb_id: int, buffer: memoryview | bytearray | None = None) -> Microbatch:
         pending = self._pending.pop(mb_id)

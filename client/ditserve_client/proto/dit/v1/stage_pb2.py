@@ -26,7 +26,7 @@ from ditserve_client.proto.dit.v1 import tensor_pb2 as dit_dot_v1_dot_tensor__pb
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64it/v1/stage.proto\x12\x06\x64it.v1\x1a\x13\x64it/v1/tensor.proto\x1a\x17google/rpc/status.proto\"\xde\x01\n\x0e\x46orwardRequest\x12\x15\n\rmicrobatch_id\x18\x01 \x01(\x04\x12#\n\x07tensors\x18\x02 \x03(\x0b\x32\x12.dit.v1.TensorSpec\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63hunk\x18\x04 \x01(\x0c\x12\x13\n\x0brequest_ids\x18\x05 \x03(\t\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06origin\x18\x1e \x01(\x04\x12#\n\tshm_offer\x18\x14 \x01(\x0b\x32\x10.dit.v1.ShmOffer\x12\x10\n\x08shm_slot\x18\x15 \x01(\r\"M\n\x08ShmOffer\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x12\n\nslot_bytes\x18\x03 \x01(\x04\x12\r\n\x05slots\x18\x04 \x01(\r\"-\n\tShmAnswer\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x81\x02\n\x0f\x46orwardResponse\x12\x15\n\rmicrobatch_id\x18\x01 \x01(\x04\x12#\n\x07tensors\x18\x02 \x03(\x0b\x32\x12.dit.v1.TensorSpec\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63hunk\x18\x04 \x01(\x0c\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x03(\x01\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12%\n\nshm_answer\x18\x14 \x01(\x0b\x32\x11.dit.v1.ShmAnswer\x12\x19\n\x11shm_released_slot\x18\x15 \x01(\r\"\x16\n\x14\x44\x65scribeChainRequest\"\x90\x02\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\x05\x12\x12\n\nnum_stages\x18\x02 \x01(\x05\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\x05\x12\x11\n\tblock_end\x18\x04 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x05 \x01(\x05\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x19\n\x11model_config_json\x18\x07 \x01(\t\x12\x13\n\x0bweight_hash\x18\x08 \x01(\t\x12\x15\n\rwire_datatype\x18\t \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0c \x01(\x05\x12\x0f\n\x07serving\x18\r \x01(\x08\":\n\x15\x44\x65scribeChainResponse\x12!\n\x06stages\x18\x01 \x03(\x0b\x32\x11.dit.v1.StageInfo2\x9c\x01\n\x0cStageService\x12>\n\x07\x46orward\x12\x16.dit.v1.ForwardRequest\x1a\x17.dit.v1.ForwardResponse(\x01\x30\x01\x12L\n\rDescribeChain\x12\x1c.dit.v1.DescribeChainRequest\x1a\x1d.dit.v1.DescribeChainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64it/v1/stage.proto\x12\x06\x64it.v1\x1a\x13\x64it/v1/tensor.proto\x1a\x17google/rpc/status.proto\"\x9b\x02\n\x0e\x46orwardRequest\x12\x15\n\rmicrobatch_id\x18\x01 \x01(\x04\x12#\n\x07tensors\x18\x02 \x03(\x0b\x32\x12.dit.v1.TensorSpec\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63hunk\x18\x04 \x01(\x0c\x12\x13\n\x0brequest_ids\x18\x05 \x03(\t\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06origin\x18\x1e \x01(\x04\x12#\n\tshm_offer\x18\x14 \x01(\x0b\x32\x10.dit.v1.ShmOffer\x12\x10\n\x08shm_slot\x18\x15 \x01(\r\x12%\n\ncuda_offer\x18\x16 \x01(\x0b\x32\x11.dit.v1.CudaOffer\x12\x14\n\x0c\x63uda_handles\x18\x17 \x03(\x0c\"9\n\tCudaOffer\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05probe\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x0c\">\n\nCudaAnswer\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"M\n\x08ShmOffer\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x12\n\nslot_bytes\x18\x03 \x01(\x04\x12\r\n\x05slots\x18\x04 \x01(\r\"-\n\tShmAnswer\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xaa\x02\n\x0f\x46orwardResponse\x12\x15\n\rmicrobatch_id\x18\x01 \x01(\x04\x12#\n\x07tensors\x18\x02 \x03(\x0b\x32\x12.dit.v1.TensorSpec\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63hunk\x18\x04 \x01(\x0c\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x03(\x01\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12%\n\nshm_answer\x18\x14 \x01(\x0b\x32\x11.dit.v1.ShmAnswer\x12\x19\n\x11shm_released_slot\x18\x15 \x01(\r\x12\'\n\x0b\x63uda_answer\x18\x16 \x01(\x0b\x32\x12.dit.v1.CudaAnswer\"\x16\n\x14\x44\x65scribeChainRequest\"\x90\x02\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\x05\x12\x12\n\nnum_stages\x18\x02 \x01(\x05\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\x05\x12\x11\n\tblock_end\x18\x04 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x05 \x01(\x05\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x19\n\x11model_config_json\x18\x07 \x01(\t\x12\x13\n\x0bweight_hash\x18\x08 \x01(\t\x12\x15\n\rwire_datatype\x18\t \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0c \x01(\x05\x12\x0f\n\x07serving\x18\r \x01(\x08\":\n\x15\x44\x65scribeChainResponse\x12!\n\x06stages\x18\x01 \x03(\x0b\x32\x11.dit.v1.StageInfo2\x9c\x01\n\x0cStageService\x12>\n\x07\x46orward\x12\x16.dit.v1.ForwardRequest\x1a\x17.dit.v1.ForwardResponse(\x01\x30\x01\x12L\n\rDescribeChain\x12\x1c.dit.v1.DescribeChainRequest\x1a\x1d.dit.v1.DescribeChainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dit.v1.stage_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FORWARDREQUEST']._serialized_start=77
-  _globals['_FORWARDREQUEST']._serialized_end=299
-  _globals['_SHMOFFER']._serialized_start=301
-  _globals['_SHMOFFER']._serialized_end=378
-  _globals['_SHMANSWER']._serialized_start=380
-  _globals['_SHMANSWER']._serialized_end=425
-  _globals['_FORWARDRESPONSE']._serialized_start=428
-  _globals['_FORWARDRESPONSE']._serialized_end=685
-  _globals['_DESCRIBECHAINREQUEST']._serialized_start=687
-  _globals['_DESCRIBECHAINREQUEST']._serialized_end=709
-  _globals['_STAGEINFO']._serialized_start=712
-  _globals['_STAGEINFO']._serialized_end=984
-  _globals['_DESCRIBECHAINRESPONSE']._serialized_start=986
-  _globals['_DESCRIBECHAINRESPONSE']._serialized_end=1044
-  _globals['_STAGESERVICE']._serialized_start=1047
-  _globals['_STAGESERVICE']._serialized_end=1203
+  _globals['_FORWARDREQUEST']._serialized_end=360
+  _globals['_CUDAOFFER']._serialized_start=362
+  _globals['_CUDAOFFER']._serialized_end=419
+  _globals['_CUDAANSWER']._serialized_start=421
+  _globals['_CUDAANSWER']._serialized_end=483
+  _globals['_SHMOFFER']._serialized_start=485
+  _globals['_SHMOFFER']._serialized_end=562
+  _globals['_SHMANSWER']._serialized_start=564
+  _globals['_SHMANSWER']._serialized_end=609
+  _globals['_FORWARDRESPONSE']._serialized_start=612
+  _globals['_FORWARDRESPONSE']._serialized_end=910
+  _globals['_DESCRIBECHAINREQUEST']._serialized_start=912
+  _globals['_DESCRIBECHAINREQUEST']._serialized_end=934
+  _globals['_STAGEINFO']._serialized_start=937
+  _globals['_STAGEINFO']._serialized_end=1209
+  _globals['_DESCRIBECHAINRESPONSE']._serialized_start=1211
+  _globals['_DESCRIBECHAINRESPONSE']._serialized_end=1269
+  _globals['_STAGESERVICE']._serialized_start=1272
+  _globals['_STAGESERVICE']._serialized_end=1428
 # @@protoc_insertion_point(module_scope)

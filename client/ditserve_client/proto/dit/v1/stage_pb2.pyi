@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "request_ids", "payload_bytes", "origin", "shm_offer", "shm_slot")
+    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "request_ids", "payload_bytes", "origin", "shm_offer", "shm_slot", "cuda_offer", "cuda_handles")
     MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,8 @@ class ForwardRequest(_message.Message):
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFER_FIELD_NUMBER: _ClassVar[int]
     SHM_SLOT_FIELD_NUMBER: _ClassVar[int]
+    CUDA_OFFER_FIELD_NUMBER: _ClassVar[int]
+    CUDA_HANDLES_FIELD_NUMBER: _ClassVar[int]
     microbatch_id: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     offset: int
@@ -28,7 +30,29 @@ class ForwardRequest(_message.Message):
     origin: int
     shm_offer: ShmOffer
     shm_slot: int
-    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., payload_bytes: _Optional[int] = ..., origin: _Optional[int] = ..., shm_offer: _Optional[_Union[ShmOffer, _Mapping]] = ..., shm_slot: _Optional[int] = ...) -> None: ...
+    cuda_offer: CudaOffer
+    cuda_handles: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., payload_bytes: _Optional[int] = ..., origin: _Optional[int] = ..., shm_offer: _Optional[_Union[ShmOffer, _Mapping]] = ..., shm_slot: _Optional[int] = ..., cuda_offer: _Optional[_Union[CudaOffer, _Mapping]] = ..., cuda_handles: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class CudaOffer(_message.Message):
+    __slots__ = ("method", "probe", "token")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    probe: bytes
+    token: bytes
+    def __init__(self, method: _Optional[str] = ..., probe: _Optional[bytes] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class CudaAnswer(_message.Message):
+    __slots__ = ("accepted", "reason", "device")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    device: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ShmOffer(_message.Message):
     __slots__ = ("segment", "token", "slot_bytes", "slots")
@@ -51,7 +75,7 @@ class ShmAnswer(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "error", "compute_seconds", "payload_bytes", "shm_answer", "shm_released_slot")
+    __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "error", "compute_seconds", "payload_bytes", "shm_answer", "shm_released_slot", "cuda_answer")
     MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +85,7 @@ class ForwardResponse(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_ANSWER_FIELD_NUMBER: _ClassVar[int]
     SHM_RELEASED_SLOT_FIELD_NUMBER: _ClassVar[int]
+    CUDA_ANSWER_FIELD_NUMBER: _ClassVar[int]
     microbatch_id: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     offset: int
@@ -70,7 +95,8 @@ class ForwardResponse(_message.Message):
     payload_bytes: int
     shm_answer: ShmAnswer
     shm_released_slot: int
-    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., compute_seconds: _Optional[_Iterable[float]] = ..., payload_bytes: _Optional[int] = ..., shm_answer: _Optional[_Union[ShmAnswer, _Mapping]] = ..., shm_released_slot: _Optional[int] = ...) -> None: ...
+    cuda_answer: CudaAnswer
+    def __init__(self, microbatch_id: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., compute_seconds: _Optional[_Iterable[float]] = ..., payload_bytes: _Optional[int] = ..., shm_answer: _Optional[_Union[ShmAnswer, _Mapping]] = ..., shm_released_slot: _Optional[int] = ..., cuda_answer: _Optional[_Union[CudaAnswer, _Mapping]] = ...) -> None: ...
 
 class DescribeChainRequest(_message.Message):
     __slots__ = ()
