@@ -121,14 +121,14 @@ class OriginWindow:
         self.size = size
         self._held: dict[Hashable, asyncio.Semaphore] = {}
         self._users: collections.Counter[Hashable] = collections.Counter()
+        self._inside: collections.Counter[Hashable] = collections.Counter()
 
     def hold(self, origin: Hashable) -> _Hold:
         return _Hold(self, origin)
 
     def inside(self, origin: Hashable) -> int:
         """Microbatches of `origin` inside the window now."""
-        semaphore = self._held.get(origin)
-        return self.size - semaphore._value if semaphore is not None else 0
+        return self._inside[origin]
 
 
 class _Hold:
@@ -144,9 +144,14 @@ class _Hold:
         except BaseException:
             self._forget()
             raise
+        w._inside[self.origin] += 1
 
     async def __aexit__(self, *exc: object) -> None:
-        self.window._held[self.origin].release()
+        w = self.window
+        w._inside[self.origin] -= 1
+        if not w._inside[self.origin]:
+            del w._inside[self.origin]
+        w._held[self.origin].release()
         self._forget()
 
     def _forget(self) -> None:
