@@ -45,7 +45,7 @@ def test_same_seed_gives_the_same_weights(quick_run):
     images, _ = make_dataset(40, seed=5)
     first, _ = train_vae(images, 2, 4, seed=5, log=lambda _: None)
     second, _ = train_vae(images, 2, 4, seed=5, log=lambda _: None)
-    latents, labels = torch.randn(32, 4, 8, 8), torch.arange(32) % 10
+    latents, labels = torch.randn(32, 4, 16, 16), torch.arange(32) % 10
     dit_a, _ = train_dit(latents, labels, 2, 8, seed=5, log=lambda _: None)
     dit_b, _ = train_dit(latents, labels, 2, 8, seed=5, log=lambda _: None)
     for a, b in ((first, second), (dit_a, dit_b)):
