@@ -21,10 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--card-only", action="store_true",
                         help="train nothing: re-measure the weights already in --out and "
                              "rewrite its samples.png and MODEL_CARD.md")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=int, default=2,
                         help="torch CPU threads (the shipped files come from the default, "
-                             "1: another count may sum floats in another order; one thread "
-                             "also keeps its pace on a machine shared with other jobs)")
+                             "2: another count may sum floats in another order)")
 
 
 def run(args: argparse.Namespace) -> int:
