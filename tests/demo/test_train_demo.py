@@ -45,7 +45,7 @@ def test_same_seed_gives_the_same_weights(quick_run):
     images, _ = make_dataset(40, seed=5)
     first, _ = train_vae(images, 2, 4, seed=5, log=lambda _: None)
     second, _ = train_vae(images, 2, 4, seed=5, log=lambda _: None)
-    latents, labels = torch.randn(32, 4, 8, 8), torch.arange(32) % 10
+    latents, labels = torch.randn(32, 4, 16, 16), torch.arange(32) % 10
     dit_a, _ = train_dit(latents, labels, 2, 8, seed=5, log=lambda _: None)
     dit_b, _ = train_dit(latents, labels, 2, 8, seed=5, log=lambda _: None)
     for a, b in ((first, second), (dit_a, dit_b)):
@@ -72,3 +72,27 @@ def test_card_only_rewrites_the_card(quick_run):
                            "--threads", "1"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "| ddim | 2 | 4 |" in (quick_run / "MODEL_CARD.md").read_text()
+
+
+def test_dit_only_needs_a_vae_of_the_same_seed(quick_run, tmp_path):
+    done = subprocess.run([*CLI, "--out", str(tmp_path), "--dit-only", "--quick"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--dit-only" in done.stderr and "no VAE" in done.stderr
+    done = subprocess.run([*CLI, "--out", str(quick_run), "--dit-only", "--quick", "--seed", "6",
+                           "--threads", "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "seed 5, not 6" in done.stderr
+
+
+def test_dit_only_trains_the_dit_again_and_keeps_the_vae(quick_run):
+    vae_before = load_file(quick_run / "vae" / "diffusion_pytorch_model.safetensors")
+    dit_before = load_file(quick_run / "dit.safetensors")
+    (quick_run / "dit.safetensors").unlink()
+    done = subprocess.run([*CLI, "--out", str(quick_run), "--dit-only", "--quick", "--seed", "5",
+                           "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    vae_after = load_file(quick_run / "vae" / "diffusion_pytorch_model.safetensors")
+    dit_after = load_file(quick_run / "dit.safetensors")
+    assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)
+    # The same seed, plan and threads as the full run: the same DiT as that run trained.
+    assert dit_before.keys() == dit_after.keys()
+    assert all(torch.equal(dit_before[k], dit_after[k]) for k in dit_before)

@@ -47,9 +47,9 @@ def test_class_names_file_matches():
 
 def test_dit_and_vae_shapes_fit_together(dit, vae):
     cfg = dit.config
-    assert (cfg.num_classes, cfg.in_channels, cfg.input_size) == (10, 4, 8)
+    assert (cfg.num_classes, cfg.in_channels, cfg.input_size) == (10, 4, 16)
     assert cfg.learn_sigma and cfg.has_null_class and cfg.depth >= 2
-    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4
+    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 3  # ×4 down
     assert 0.05 < vae.config.scaling_factor < 20  # measured from the data, not SD's default
 
 

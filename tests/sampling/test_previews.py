@@ -69,7 +69,7 @@ def test_the_fitted_map_paints_the_demo_vae_in_its_colours():
 
     vae = AutoencoderKL.from_pretrained(DEMO_VAE_PATH).eval()
     images, _ = make_dataset(100, seed=123)
-    x0 = encode(vae, images) * vae.config.scaling_factor  # (N, 4, 8, 8), as the DiT's x0
+    x0 = encode(vae, images) * vae.config.scaling_factor  # (N, 4, 16, 16), as the DiT's x0
     truth = (127.5 * to_unit(images) + 128).clamp(0, 255)  # (N, 3, 64, 64)
 
     def error(preview_map: LatentRgbMap) -> float:
@@ -86,7 +86,7 @@ def test_the_coordinator_fits_the_served_vae():
     from ditserve.coordinator.server import fit_previews
 
     demo = fit_previews("")  # empty: the demo VAE, as the decoder serves it
-    assert demo is not None and demo.channels == 4 and demo.upscale == 8
+    assert demo is not None and demo.channels == 4 and demo.upscale == 4  # ×4 down
     assert not torch.allclose(demo.factors, LatentRgbMap.sd15().factors, atol=0.05)
     assert fit_previews("/nonexistent/vae") is None  # not readable here: SD 1.x's map
 

@@ -19,10 +19,12 @@ from ..model import DiT, DiTConfig
 from ..sampling.diffusion import GaussianDiffusion
 from .vae import warmup_cosine
 
-DEMO_DIT_CONFIG = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=128,
+DEMO_DIT_CONFIG = DiTConfig(input_size=16, patch_size=2, in_channels=4, hidden_size=128,
                             depth=4, num_heads=4, num_classes=10, class_dropout_prob=0.1,
                             learn_sigma=True, name="DiT-Demo/2")
-"""The demo DiT: 16 tokens of width 128, 4 blocks (so it splits into 2 or 4 stages)."""
+"""The demo DiT on the VAE's (4, 16, 16) latents: patch 2, so 64 tokens of width 128 (each
+an 8×8-pixel square; patch 4's 16 tokens of 16×16 pixels learned outlines more slowly per
+step: mse 0.060 vs 0.077 at step 900), 4 blocks (so it splits into 2 or 4 stages)."""
 
 
 @torch.no_grad()
@@ -34,25 +36,34 @@ def _update_ema(ema: DiT, model: DiT, decay: float) -> None:
 def train_dit(latents: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, seed: int,
               log: Callable[[str], None], lr: float = 3e-4, ema_decay: float = 0.995,
               config: DiTConfig = DEMO_DIT_CONFIG,
-              init: dict[str, torch.Tensor] | None = None) -> tuple[DiT, dict[str, float]]:
-    """Trains on scaled latents (N, 4, 8, 8) and labels (N,), from the reference init or
+              init: dict[str, torch.Tensor] | None = None,
+              label_lr_scale: float = 1.0) -> tuple[DiT, dict[str, float]]:
+    """Trains on scaled latents (N, 4, 16, 16) and labels (N,), from the reference init or
     from the weights `init`; returns the EMA model (eval) and the mean losses over the last
-    100 steps."""
+    100 steps.
+
+    `label_lr_scale` multiplies the learning rate of the class embedding table: the
+    timestep embedder's output grows to a norm of ~50 within a few thousand steps while
+    the table's rows stay near 1.5 at the common rate, so c = t_emb + y_emb barely
+    depends on the class and the prediction at high noise hardly does either (1–2 %
+    change across labels at t ≥ 800): the colours come late, the layouts never."""
     torch.manual_seed(seed)
     model = DiT(config)
     model.initialize_weights()
     if init is not None:
         model.load_state_dict(init)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=0.0)
+    label = list(model.y_embedder.parameters())
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in label)]
+    opt = torch.optim.AdamW([{"params": rest, "lr": lr},
+                             {"params": label, "lr": lr * label_lr_scale}], weight_decay=0.0)
     sched = warmup_cosine(opt, steps, min(200, steps))
     diffusion = GaussianDiffusion.create()
     gen = torch.Generator().manual_seed(seed)
     recent: dict[str, list[float]] = {"loss": [], "mse": [], "vb": []}
     for step in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=gen)
-        x0, y = latents[idx], labels[idx]  # (B, 4, 8, 8), (B,)
+        x0, y = latents[idx], labels[idx]  # (B, 4, 16, 16), (B,)
         t = torch.randint(diffusion.num_timesteps, (batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         drop = torch.rand(batch, generator=gen) < config.class_dropout_prob

@@ -16,9 +16,9 @@ from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
 """Side of every image, in pixels."""
-RADIUS = (11.0, 22.0)
-"""Range of a shape's radius, in pixels (larger shapes, whose outlines span more of the
-VAE's 8-pixel latent cells, are a lever still to measure: see the model card)."""
+RADIUS = (14.0, 24.0)
+"""Range of a shape's radius, in pixels: large in the frame (up to 48 of 64 px across), so
+corners and notches span several of the VAE's 4-pixel latent cells."""
 _SUPERSAMPLE = 4
 
 # (name, RGB colour, outline function). The outline maps (radius, angle) → vertices around 0.

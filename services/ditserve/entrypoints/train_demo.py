@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--card-only", action="store_true",
                         help="train nothing: re-measure the weights already in --out and "
                              "rewrite its samples.png and MODEL_CARD.md")
+    parser.add_argument("--dit-only", action="store_true",
+                        help="train only the DiT, on the VAE and judges already in --out "
+                             "(from a run with the same seed and threads)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch CPU threads (the shipped files come from the default, "
                              "2: another count may sum floats in another order)")
@@ -35,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {args.out} exists and is not a folder")
     if args.card_only and not (args.out / "training.json").is_file():
         raise CommandError(f"--card-only: {args.out} holds no training.json from a training run")
+    if args.card_only and args.dit_only:
+        raise CommandError("--card-only and --dit-only exclude each other")
     import torch
 
     from ..demo.recipe import FULL, QUICK, finish, train_all
@@ -48,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     if args.card_only:
         finish(args.out, plan.eval_settings, plan.eval_per_class, plan.grid_steps, log)
     else:
-        train_all(args.out, args.seed, plan, log)
+        try:
+            train_all(args.out, args.seed, plan, log, dit_only=args.dit_only)
+        except ValueError as error:
+            if not args.dit_only:
+                raise
+            raise CommandError(f"--dit-only: {error}") from None
     print(args.out)
     return 0
