@@ -36,7 +36,7 @@ def test_json_reply_holds_the_same_images_and_latents_as_grpc(live):
     assert [base64.b64decode(i["data"]) for i in reply["images"]] == [i.data for i in result.images]
     assert [i["label"] for i in reply["images"]] == [1, 7]
     assert base64.b64decode(reply["latents"]["data"]) == result.latents.data
-    assert reply["latents"]["shape"] == [2, 4, 16, 16] and reply["seed"] == "11"
+    assert reply["latents"]["shape"] == [2, 4, 8, 8] and reply["seed"] == "11"
 
 
 def test_stream_shows_every_step_with_decoded_previews(live):

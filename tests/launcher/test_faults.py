@@ -222,6 +222,6 @@ def test_a_frozen_stage_is_killed_and_restarted(cluster):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-    assert isinstance(result, Result) and result.latents.shape == (1, 4, 16, 16)
+    assert isinstance(result, Result) and result.latents.shape == (1, 4, 8, 8)
     killed = [line for line in up.lines if "killing it (SIGKILL)" in line]
     assert len(killed) == 1 and "stage-1" in killed[0], killed

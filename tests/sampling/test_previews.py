@@ -74,7 +74,8 @@ def test_the_fitted_map_paints_the_demo_vae_in_its_colours():
 
     def error(preview_map: LatentRgbMap) -> float:
         """Mean absolute error per pixel channel, on 0..255."""
-        return (preview_map(x0).permute(0, 3, 1, 2).float() - truth).abs().mean().item()
+        painted = preview_map(x0, upscale=truth.shape[-1] // x0.shape[-1])  # (N, 64, 64, 3)
+        return (painted.permute(0, 3, 1, 2).float() - truth).abs().mean().item()
 
     fitted, sd15 = error(fit_to_vae(vae)), error(LatentRgbMap.sd15())
     best = error(LatentRgbMap.fit(x0, to_unit(images)))  # the best any linear map does here
