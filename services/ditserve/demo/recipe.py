@@ -148,10 +148,7 @@ def train_all(out: Path, seed: int, plan: TrainPlan, log: Callable[[str], None],
     train_and_save_dit(out, stats, raw * stats["scaling_factor"], labels, plan, log)
     stats["dit_s"] = time.monotonic() - start - stats["vae_s"] - stats["classifier_s"]
     stats["train_s"] = time.monotonic() - start
-    (out / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
-    log(f"trained in {stats['train_s']:.0f} s")
-    finish(out, plan.eval_settings, plan.eval_per_class, plan.grid_steps, log)
-    return stats
+    return _record_and_finish(out, stats, plan, log)
 
 
 def train_dit_only(out: Path, stats: dict, images: np.ndarray, labels: np.ndarray,
@@ -176,8 +173,14 @@ def train_dit_only(out: Path, stats: dict, images: np.ndarray, labels: np.ndarra
     train_and_save_dit(out, stats, latents, labels, plan, log)
     stats["dit_s"] = time.monotonic() - start
     stats["train_s"] = stats["vae_s"] + stats["classifier_s"] + stats["dit_s"]
+    return _record_and_finish(out, stats, plan, log)
+
+
+def _record_and_finish(out: Path, stats: dict, plan: TrainPlan,
+                       log: Callable[[str], None]) -> dict:
+    """Writes training.json, then judges the files and writes the card (`finish`)."""
     (out / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
-    log(f"DiT trained in {stats['dit_s']:.0f} s ({stats['train_s']:.0f} s with the VAE's run)")
+    log(f"trained in {stats['train_s']:.0f} s (DiT {stats['dit_s']:.0f} s)")
     finish(out, plan.eval_settings, plan.eval_per_class, plan.grid_steps, log)
     return stats
 
