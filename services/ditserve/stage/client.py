@@ -222,8 +222,9 @@ class StageClient:
         `transport: shm` when there is no shared memory with the peer."""
         if self.transport == "grpc":
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._answered.wait(), NEGOTIATION_WAIT_S)
+        if not self._answered.is_set():  # (wait_for makes a task: not on every call)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), NEGOTIATION_WAIT_S)
         if self.transport == "shm" and self._ring is None and self._send is not None:
             raise ServiceError(StatusCode.FAILED_PRECONDITION, f"transport is shm, but "
                                f"{self.peer} at {self.address} shares no memory with this "
