@@ -42,6 +42,7 @@ from ditserve.common.process import (
     thread_env,
     wait_serving,
 )
+from ditserve.common.status import ServiceError, StatusCode
 
 from .report import Report, spread
 
@@ -126,10 +127,26 @@ async def _drive(call, calls: int, in_flight: int) -> tuple[list[float], float]:
             await call()
             latencies.append(time.perf_counter() - began)
 
-    await call()  # warm-up: connection, first buffers
+    await _warm_up(call)
     began = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(calls)))
     return latencies, time.perf_counter() - began
+
+
+async def _warm_up(call, timeout: float = START_TIMEOUT_S) -> None:
+    """One call that succeeds (connections, first buffers). A relay stage dials the next
+    one as it starts, maybe before that one listens; its channel then stays in grpc's
+    reconnect backoff for up to 2 s, failing calls at once (UNAVAILABLE, "connection
+    refused") though the next stage now serves: those are retried until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await call()
+            return
+        except ServiceError as error:
+            if error.code is not StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def _ditserve_cells(s: Settings, address: str, transport: str, stages: int,
