@@ -245,7 +245,25 @@ the shape judge named about a third of its generated images (ddpm 250, g 4: 35%)
 Together (this model): the circle, ring, star and cross come out as themselves, every colour
 is right, edges are crisp; the square, triangle, diamond, hexagon, heart and arrow still
 come out as rounded blobs of the right colour (worst classes above). Issue 17's bars need
-corners, which this DiT at this size and time does not draw. Not tried for lack of time:
-a wider DiT (hidden 256), a larger batch, restricting poses (a 4000-step trial with shapes
-upright and centred ± 6 px was no better, 32% vs 41%).
+corners, which this DiT at this size and time does not draw.
+
+Where the corners are lost (this model; 10 held-out drawings per class; ddim 50, guidance 4):
+the decoder keeps them (the shape judge names 100% of the reconstructions, still 100% with
+Gaussian noise of σ 0.2 added to the latents); the DiT's one-step estimate of the clean
+latents from a noised drawing keeps them up to t = 100 (98–100%) and loses them from
+t = 200 (92%) and t = 400 (57%); sampling from a drawing noised to t = 200 / 400 / 600 / 800
+gives 87 / 68 / 57 / 56%. So the denoiser rounds corners at moderate noise: it learned each
+class's colour and rough size as a prior, not its outline.
+What did not help (each 10 per class, ddim 50, guidance 4; the shipped model: 46–47%):
+- 1500 more steps from the shipped weights (lr 5e-4): of the same data 46%; with 70% of
+  the timesteps drawn from [100, 700) 49%; on upright shapes 50%; upright and centred
+  (± 3 px) 54%. (Earlier, 4000 steps from scratch at patch 4: upright and centred
+  ± 6 px 32%, random poses 29%.)
+- Guidance: 4 on the first three channels 47%, on all four 48%; 7: 45–47%.
+- Wider with larger patches (hidden 256, patch 4: 16 tokens, 0.20 s per step against this
+  model's 0.27), 4000 steps from scratch: 35% (ddpm 250: 41%).
+Next to try: wider at patch 2 (hidden 256: 0.73 s per step, 2.75× this model's, so 12 000
+steps take ~2.4 h on 2 cores, over the 90-minute budget; bf16 autocast on a CPU that has
+it: 0.57 s), or longer training of that width. (Training steps timed at batch 64 on this
+machine's 2 idle cores, 2 threads.)
 """
