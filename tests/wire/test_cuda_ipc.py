@@ -25,6 +25,7 @@ from ditserve.wire.cuda_ipc import (
     check_probe,
     choose_path,
     export_tensor,
+    import_stream,
     import_tensor,
     probe_token,
 )
@@ -118,6 +119,14 @@ def test_empty_tensor_handle_is_valid():
 def test_cpu_tensor_cannot_be_exported():
     with pytest.raises(HandoffError, match="needs a CUDA tensor"):
         export_tensor(torch.zeros(4))
+
+
+def test_the_stage_export_refuses_a_cpu_tensor_before_any_cuda_call():
+    # CUDA_IPC.export records its event on a stream of its own: a CPU tensor must still
+    # get the HandoffError the client falls back on, not a CUDA error from a CPU torch.
+    with pytest.raises(HandoffError, match="needs a CUDA tensor"):
+        CUDA_IPC.export(torch.zeros(4))
+    assert import_stream(torch.device("cpu")) is None  # a CPU input is checked in place
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA fallback")

@@ -17,6 +17,7 @@ this stage or at any stage after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -42,7 +43,7 @@ from ditserve.wire import (
     parse_request,
     serialize,
 )
-from ditserve.wire.cuda_ipc import CUDA_IPC, Handoff, accept_probe
+from ditserve.wire.cuda_ipc import CUDA_IPC, Handoff, accept_probe, import_stream
 from ditserve.wire.shm import ShmUnavailable, ShmView
 
 from . import metrics
@@ -324,8 +325,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
     bf16; a float32 sum ~0.07-0.19 ms; aminmax ~0.04 ms.)"""
     if tensor.numel() == 0:
         return True
-    low, high = torch.aminmax(tensor)
-    return math.isfinite(low.item()) and math.isfinite(high.item())
+    # A CUDA input was copied in (and is complete) on the import stream: checked there, so
+    # the `.item()` syncs on the event loop wait for this reduction only, not for the
+    # forward passes the compute thread has queued on the default stream.
+    stream = import_stream(tensor.device)
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        low, high = torch.aminmax(tensor)
+        return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 def _hop_timeout(context: Any) -> float:

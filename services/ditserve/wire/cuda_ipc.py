@@ -224,7 +224,12 @@ def import_tensor(handle: CudaHandle, device: torch.device | None = None,
                 return shared
             out = torch.empty(handle.shape, dtype=shared.dtype, device=device or shared.device)
             out.copy_(shared)  # device-to-device (or peer-to-peer to another GPU)
-        stream.synchronize()  # done before the reply acknowledges it and the sender frees it
+            stream.synchronize()  # done before the reply acknowledges it and the sender frees it
+            # Unmapped here, while the import stream is current: torch's IPC deleter
+            # synchronises the *current* stream before it decrements the sender's counter,
+            # and after this block that is the default stream, where the compute thread's
+            # forward passes queue; the event loop would wait for them on every import.
+            del shared
     except (RuntimeError, ValueError, AssertionError) as error:  # cudaIpcOpenMemHandle
         # failed: not this host's GPU, a device index not visible here, a stale handle
         raise HandoffError(f"cannot open the CUDA IPC handle: {error}") from None
@@ -236,6 +241,15 @@ def import_tensor(handle: CudaHandle, device: torch.device | None = None,
 def _import_stream(device: int) -> Any:
     """This process's stream for CUDA IPC imports on `device` (created once)."""
     return torch.cuda.Stream(device)
+
+
+def import_stream(device: torch.device) -> Any:
+    """The stream imported tensors on `device` were copied on (complete there), for a
+    check of their values that must not queue behind the compute thread's forward
+    passes on the default stream; None for a CPU device."""
+    if device.type != "cuda":
+        return None
+    return _import_stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 _SHM_FILE = re.compile(rb"/torch_[0-9]+_[0-9]+_[0-9]+")
@@ -274,7 +288,23 @@ def import_shared_cpu(handle: CudaHandle, device: torch.device | None = None) ->
 
 
 def _export_cuda(tensor: torch.Tensor) -> tuple[CudaHandle, torch.Tensor]:
-    return export_tensor(tensor), tensor
+    """CUDA_IPC's export, of a tensor whose writes are complete (a stage's outputs: the
+    runner synchronises its stream before handing them over; the probe: a blocking
+    `.to(device)`). `_share_cuda_` records the event the receiver waits on in the
+    *current* stream; on the event loop that is the default stream, which the compute
+    thread shares, so the event would also cover the next forward pass queued there and
+    the receiver would wait out the sender's next microbatch. An idle stream of its own
+    records an event that is complete at once."""
+    if tensor.device.type != "cuda":  # refused before any CUDA call (a CPU-only torch)
+        return export_tensor(tensor), tensor
+    with torch.cuda.stream(_export_stream(tensor.device.index)):
+        return export_tensor(tensor), tensor
+
+
+@functools.cache
+def _export_stream(device: int | None) -> Any:
+    """This process's idle stream for recording CUDA IPC export events (created once)."""
+    return torch.cuda.Stream(device)
 
 
 def _import_cuda(handle: CudaHandle, device: torch.device | None = None) -> torch.Tensor:
