@@ -110,3 +110,31 @@ def test_each_variant_records_and_checks_the_path_its_hops_took():
     assert gpucheck.expected_path("shm", "cpu") == "shm"
     assert gpucheck.expected_path("grpc", "cuda:0") == "grpc"
     assert gpucheck.expected_path(None, "cuda") is None
+
+
+def test_a_transport_whose_latents_differ_fails_its_variant(tmp_path, monkeypatch):
+    """A hop that hands over wrong activations (stale, unsynchronised, foreign memory)
+    must fail the pipelines part, not only be timed: same seed, same stages, so every
+    transport's latents must match the first one's."""
+    def fake_pipeline(latents_of: dict[str, torch.Tensor]):
+        async def pipeline(s, config, path, stages, transport, folder):
+            return {"step_ms_one_request": 1.0, "images_per_s": 1.0,
+                    "latents": latents_of[transport]}
+        return pipeline
+
+    good = torch.randn(1, 4, 8, 8)
+    s = gpucheck.Settings.quick()
+    s.stage_counts = (2,)
+    monkeypatch.setattr(gpucheck, "_pipeline", fake_pipeline({"grpc": good, "shm": good}))
+    result = gpucheck.part_pipelines(s, tmp_path)
+    assert result["ok"] and result["variants"][1]["latents_error"] == 0.0
+    assert "latents" not in result["variants"][1]  # no tensor in the JSON
+
+    stale = good + 0.1 * good.abs().max() * torch.randn_like(good)
+    monkeypatch.setattr(gpucheck, "_pipeline", fake_pipeline({"grpc": good, "shm": stale}))
+    result = gpucheck.part_pipelines(s, tmp_path)
+    assert not result["ok"] and result["variants"][1]["status"] == "failed"
+    assert "latents differ from grpc's" in result["error"]
+    nan = torch.full_like(good, float("nan"))
+    monkeypatch.setattr(gpucheck, "_pipeline", fake_pipeline({"grpc": good, "shm": nan}))
+    assert not gpucheck.part_pipelines(s, tmp_path)["ok"]

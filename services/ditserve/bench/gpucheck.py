@@ -70,6 +70,11 @@ def compute_dtype(device: str):
 GRAPH_BOUND = 0.02
 """Graph vs eager on the device: the same kernels except for the padded batch's blocking."""
 
+TRANSPORT_BOUND = 0.01
+"""One request's final latents through the same number of stages, transport by transport
+(scaled error against the first transport's): the same kernels on the same rows, so equal
+up to nondeterminism; a hop that read stale, unsynchronised or foreign memory is far off."""
+
 
 @dataclass
 class Settings:
@@ -245,6 +250,7 @@ def part_pipelines(s: Settings, out: Path) -> dict[str, Any]:
         path = checkpoint(model, folder)
         logs = Path(folder)
         for stages in s.stage_counts:
+            reference: tuple[str, Any] | None = None  # the first transport's latents
             for transport in s.transports:
                 row: dict[str, Any] = {"stages": stages, "transport": transport}
                 if not available:
@@ -255,6 +261,17 @@ def part_pipelines(s: Settings, out: Path) -> dict[str, Any]:
                         row |= asyncio.run(_pipeline(s, model.config, path, stages,
                                                      transport if available else None,
                                                      logs))
+                        latents = row.pop("latents")
+                        if reference is None:
+                            reference = (transport, latents)
+                        else:  # a speed of wrong numbers is no result: compare first
+                            error = scaled_error(latents, reference[1])
+                            row |= {"latents_vs": reference[0], "latents_error": error}
+                            if not error <= TRANSPORT_BOUND:  # NaN fails too
+                                raise RuntimeError(
+                                    f"one request's latents differ from {reference[0]}'s by "
+                                    f"{error:.3g} (scaled; bound {TRANSPORT_BOUND}): the "
+                                    f"{transport} hops did not carry the same activations")
                         row["status"] = "ok"
                     except Exception as error:
                         row |= {"status": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -292,7 +309,10 @@ async def _pipeline(s: Settings, config, path: Path, stages: int, transport: str
             await chain.wait_connected(60.0)
             for clients in (1, s.clients):  # warm-up: the graphs of these row counts captured
                 await _requests(chain, config, s, stages, clients, 2)
-            one = await _requests(chain, config, s, stages, 1, s.steps)
+            kept: dict[int, Any] = {}
+            one = await _requests(chain, config, s, stages, 1, s.steps, keep=kept)
+            if kept.get(0) is None:
+                raise RuntimeError("the one request finished without its latents")
             many = await _requests(chain, config, s, stages, s.clients, s.steps)
             # Async mode (one request, every stage on it at once): only worth measuring
             # with more than one stage.
@@ -313,7 +333,8 @@ async def _pipeline(s: Settings, config, path: Path, stages: int, transport: str
         for process in processes:
             process.close()
     row = {"step_ms_one_request": 1e3 * one / s.steps, "images_per_s": s.clients / many,
-           "clients": s.clients, "steps": s.steps, "paths": paths, "expected_path": expected}
+           "clients": s.clients, "steps": s.steps, "paths": paths, "expected_path": expected,
+           "latents": kept[0]}
     if one_async is not None:
         row |= {"step_ms_one_request_async": 1e3 * one_async / s.steps,
                 "async_over_exact": one_async / one}
@@ -367,11 +388,13 @@ def _stage_processes(s: Settings, path: Path, stages: int, transport: str | None
 
 
 async def _requests(chain, config, s: Settings, stages: int, clients: int, steps: int,
-                    mode: str = "exact") -> float:
+                    mode: str = "exact", keep: dict[int, Any] | None = None) -> float:
     """Wall seconds for `clients` concurrent requests (1 image, guidance 4, ddim `steps`,
-    in `mode`)."""
+    in `mode`); with `keep`, each request's final latents (CPU float32) land in it by
+    index (request i has seed i, so runs are comparable)."""
     from ditserve.config import CoordinatorConfig
     from ditserve.coordinator.engine import Engine
+    from ditserve.coordinator.request import Result
     from ditserve.coordinator.spec import GenerationSpec
 
     engine_config = CoordinatorConfig(
@@ -383,9 +406,11 @@ async def _requests(chain, config, s: Settings, stages: int, clients: int, steps
         spec = GenerationSpec(request_id=f"r{i}", labels=(i % config.num_classes,), seed=i,
                               sampler="ddim", num_steps=steps, guidance_scale=4.0,
                               skip_images=True, mode=mode, async_warmup_steps=(
-                                  min(s.async_warmup_steps, steps) if mode == "async" else 0))
-        async for _ in engine.submit(spec).events():
-            pass
+                                  min(s.async_warmup_steps, steps) if mode == "async" else 0),
+                              return_latents=keep is not None)
+        async for event in engine.submit(spec).events():
+            if keep is not None and isinstance(event, Result):
+                keep[i] = event.latents
 
     began = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(clients)))
