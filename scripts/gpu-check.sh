@@ -41,6 +41,11 @@ if [ "$DEVICE" = cuda ] && compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+elif [ "$DEVICE" = cuda ]; then
+    # Said up front: without them the image's own grpcio (older than the committed stubs
+    # may need) and no diffusers fail parts later, each with a less obvious message.
+    echo "gpu-check: no carried wheels in .whl/ (scripts/fetch-device-wheels.sh, then" \
+        "carry \".whl\"): using this machine's packages as they are" >&2
 fi
 export PYTHONPATH="$ROOT/services:$ROOT/client${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
