@@ -90,6 +90,7 @@ def _doc(**changes) -> bytes:
     (_doc(offset=True), "non-negative"),
     (_doc(storage_bytes=1.5), "non-negative"),
     (_doc(event_sync_required=1), "boolean"),
+    (_doc(event_sync_required=True, event_handle=""), "without an event handle"),
     (_doc(dtype="COMPLEX"), "unknown datatype"),
     (_doc(stride=[1]), "do not describe"),
     (_doc(shape=[1] * 9, stride=[1] * 9), "do not describe"),

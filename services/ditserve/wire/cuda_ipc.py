@@ -164,6 +164,9 @@ class CudaHandle:
                                "non-negative integers")
         if type(self.event_sync_required) is not bool:
             raise HandoffError("CUDA IPC handle: event_sync_required must be a boolean")
+        if self.event_sync_required and not self.event_handle:
+            # torch would fail inside _new_shared_cuda with no message of its own
+            raise HandoffError("CUDA IPC handle: event_sync_required without an event handle")
         if self.dtype not in DTYPES:
             raise HandoffError(f"CUDA IPC handle: unknown datatype {self.dtype!r}")
         if len(self.shape) > MAX_RANK or len(self.stride) != len(self.shape):
@@ -219,7 +222,7 @@ def import_tensor(handle: CudaHandle, device: torch.device | None = None,
                 torch.storage.TypedStorage, DTYPES[handle.dtype], handle.device,
                 handle.handle, handle.storage_bytes, handle.storage_offset_bytes, False,
                 handle.ref_counter_handle, handle.ref_counter_offset,
-                handle.event_handle or None, handle.event_sync_required)
+                handle.event_handle, handle.event_sync_required)  # bytes: torch refuses None
             if not copy:
                 return shared
             out = torch.empty(handle.shape, dtype=shared.dtype, device=device or shared.device)
@@ -230,8 +233,10 @@ def import_tensor(handle: CudaHandle, device: torch.device | None = None,
             # and after this block that is the default stream, where the compute thread's
             # forward passes queue; the event loop would wait for them on every import.
             del shared
-    except (RuntimeError, ValueError, AssertionError) as error:  # cudaIpcOpenMemHandle
-        # failed: not this host's GPU, a device index not visible here, a stale handle
+    except (RuntimeError, ValueError, AssertionError, TypeError, SystemError) as error:
+        # cudaIpcOpenMemHandle failed (not this host's GPU, a device index not visible
+        # here, a stale handle), or torch refused a peer's field (TypeError): the
+        # microbatch fails, not the whole stream
         raise HandoffError(f"cannot open the CUDA IPC handle: {error}") from None
     out.record_stream(torch.cuda.default_stream(out.device))
     return out
