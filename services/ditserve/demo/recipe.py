@@ -148,7 +148,7 @@ def train_all(out: Path, seed: int, plan: TrainPlan, log: Callable[[str], None],
     train_and_save_dit(out, stats, raw * stats["scaling_factor"], labels, plan, log)
     stats["dit_s"] = time.monotonic() - start - stats["vae_s"] - stats["classifier_s"]
     stats["train_s"] = time.monotonic() - start
-    return _record_and_finish(out, stats, plan, log)
+    return _record_and_finish(out, stats, plan, log, reconstruction=ceiling)
 
 
 def train_dit_only(out: Path, stats: dict, images: np.ndarray, labels: np.ndarray,
@@ -176,12 +176,14 @@ def train_dit_only(out: Path, stats: dict, images: np.ndarray, labels: np.ndarra
     return _record_and_finish(out, stats, plan, log)
 
 
-def _record_and_finish(out: Path, stats: dict, plan: TrainPlan,
-                       log: Callable[[str], None]) -> dict:
-    """Writes training.json, then judges the files and writes the card (`finish`)."""
+def _record_and_finish(out: Path, stats: dict, plan: TrainPlan, log: Callable[[str], None],
+                       reconstruction: dict | None = None) -> dict:
+    """Writes training.json, then judges the files and writes the card (`finish`);
+    `reconstruction`: the judges' scores on the VAE's reconstructions if this run measured
+    them already (on the files it saved)."""
     (out / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
     log(f"trained in {stats['train_s']:.0f} s (DiT {stats['dit_s']:.0f} s)")
-    finish(out, plan.eval_settings, plan.eval_per_class, plan.grid_steps, log)
+    finish(out, plan.eval_settings, plan.eval_per_class, plan.grid_steps, log, reconstruction)
     return stats
 
 
@@ -215,7 +217,8 @@ def train_judge(images: np.ndarray, labels: np.ndarray, vae: AutoencoderKL, plan
 
 
 def finish(out: Path, settings: tuple[tuple[str, int, float], ...], per_class: int,
-           grid_steps: int, log: Callable[[str], None]) -> None:
+           grid_steps: int, log: Callable[[str], None],
+           reconstruction: dict | None = None) -> None:
     """Judges the weights in `out` as shipped: generation accuracy per sampler setting,
     the sample grid, and MODEL_CARD.md (with `training.json`'s measurements)."""
     stats = json.loads((out / "training.json").read_text())
@@ -223,8 +226,8 @@ def finish(out: Path, settings: tuple[tuple[str, int, float], ...], per_class: i
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     judges = {name: load_classifier(out / f"{prefix}classifier.safetensors")
               for name, prefix in (("shape", "shape_"), ("colour", ""))}
-    stats["reconstruction"] = judge_reconstructions(vae, judges, stats["plan"]["heldout_images"],
-                                                    stats["seed"])
+    stats["reconstruction"] = reconstruction or judge_reconstructions(
+        vae, judges, stats["plan"]["heldout_images"], stats["seed"])
     log(f"judges on VAE reconstructions: {stats['reconstruction']['accuracy']}")
     stats["generation"] = evaluate(dit, vae, judges, settings, per_class, stats["seed"], log)
     write_sample_grid(dit, vae, out / "samples.png", stats["seed"], grid_steps)
