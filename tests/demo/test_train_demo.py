@@ -1,6 +1,8 @@
 """`ditserve train-demo --quick` trains every stage end to end and writes the weights
 layout, deterministically for a seed."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +83,18 @@ def test_dit_only_needs_a_vae_of_the_same_seed(quick_run, tmp_path):
     done = subprocess.run([*CLI, "--out", str(quick_run), "--dit-only", "--quick", "--seed", "6",
                            "--threads", "1"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "seed 5, not 6" in done.stderr
+
+
+def test_dit_only_refuses_a_vae_made_by_another_plan(quick_run, tmp_path):
+    """The kept VAE and judges must come from the plan this run has before the DiT."""
+    shutil.copytree(quick_run / "vae", tmp_path / "vae")
+    before = json.loads((quick_run / "training.json").read_text())
+    before["plan"]["vae_steps"] += 1
+    (tmp_path / "training.json").write_text(json.dumps(before))
+    done = subprocess.run([*CLI, "--out", str(tmp_path), "--dit-only", "--quick", "--seed", "5",
+                           "--threads", "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--dit-only" in done.stderr and "vae_steps 4, not 3" in done.stderr
 
 
 def test_dit_only_trains_the_dit_again_and_keeps_the_vae(quick_run):

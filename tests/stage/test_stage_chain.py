@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -16,11 +17,13 @@ from collections import defaultdict
 import grpc
 import pytest
 import torch
+from conftest import find_free_port
 from ditserve.chain import check_chain
 from ditserve.chain.remote import RemoteChain
 from ditserve.common.errors import error_from_status
 from ditserve.common.grpc_options import channel_options
 from ditserve.common.status import ServiceError, StatusCode
+from ditserve.stage.client import StageClient
 from ditserve.wire import FrameAssembler, encode_frames
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -231,6 +234,48 @@ def test_killed_middle_stage_fails_in_flight_then_chain_heals(chains, launcher, 
                 await asyncio.sleep(0.2)
     out = asyncio.run(_with_chain(chain[0].address, until_healed))
     assert_scaled_close(out, tiny_model(x, t, y), FORWARD_FP32)
+
+
+def _wait_listening(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def test_a_next_hop_that_starts_late_costs_no_request(launcher, tiny_checkpoint, tiny_model):
+    """A stage dials its next hop as it starts, maybe before that one listens: the dials
+    fail and grpc's channel backs off. A call made once the next hop serves must wait for
+    the next dial, not fail at once with the last dial's stale error (as it did before)."""
+    port = find_free_port()
+    address = f"127.0.0.1:{port}"
+    x, t, y = _inputs(tiny_model.config, 2, seed=23)
+    tensors = [("x", x), ("t", t), ("y", y)]
+
+    async def scenario():
+        client = StageClient(address, peer="stage-0", transport="grpc")
+        try:
+            with pytest.raises(ServiceError) as down:  # nobody listens: a clear error
+                await client.call(tensors)
+            await asyncio.sleep(1.0)  # more failed dials: the channel is backing off
+            launcher.start_stage(tiny_checkpoint, 0, 1, port, wait=False)
+            await asyncio.to_thread(_wait_listening, port)  # call as soon as it listens
+            up = await asyncio.gather(*(client.call(tensors) for _ in range(4)),
+                                      return_exceptions=True)
+            return down.value, up
+        finally:
+            await client.close()
+    down, up = asyncio.run(scenario())
+    assert down.code is StatusCode.UNAVAILABLE
+    assert f"stage-0 at {address} is unreachable (" in down.message  # with the dial's error
+    assert not [o for o in up if isinstance(o, BaseException)], up
+    for outputs, _ in up:
+        assert_scaled_close(outputs["out"], tiny_model(x, t, y), FORWARD_FP32)
 
 
 def test_sigterm_goes_not_serving_and_exits_zero(chains):

@@ -89,6 +89,12 @@ class TrainPlan:
     """DDIM steps of the sample grid."""
 
 
+PLAN_BEFORE_DIT = ("train_images", "heldout_images", "vae_steps", "vae_batch", "vae_lr",
+                   "vae_edge_weight", "vae_colour_weight", "classifier_steps",
+                   "judge_recon_images", "shape_judge_images", "shape_judge_steps")
+"""The plan's fields that shape the VAE and judges: `--dit-only` keeps those of an earlier
+run only if they were the same."""
+
 FULL = TrainPlan()
 """The shipped run (its time on 2 threads is in the model card)."""
 QUICK = TrainPlan(train_images=200, heldout_images=100, vae_steps=3, vae_batch=8,
@@ -163,6 +169,10 @@ def train_dit_only(out: Path, stats: dict, images: np.ndarray, labels: np.ndarra
     for key in ("seed", "threads"):
         if before.get(key) != stats[key]:
             raise ValueError(f"{out} was trained with {key} {before.get(key)}, not {stats[key]}")
+    for key in PLAN_BEFORE_DIT:  # what made the kept VAE and judges
+        was, now = before.get("plan", {}).get(key), getattr(plan, key)
+        if was != now:
+            raise ValueError(f"{out} was trained with {key} {was}, not {now}")
     for key in ("vae_l1", "scaling_factor", "vae_s", "classifier_acc", "shape_judge_acc",
                 "classifier_s"):
         stats[key] = before[key]

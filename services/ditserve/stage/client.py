@@ -129,6 +129,7 @@ class StageClient:
         self._send: asyncio.Queue | None = None  # frames of the current stream; None: down
         self._send_ready = asyncio.Event()  # set while _send is a queue
         self._connected = asyncio.Event()
+        self._down_reason = ""  # why the last stream attempt failed ("" once one opened)
         self._task: asyncio.Task | None = None
         self._closed = False
 
@@ -136,7 +137,6 @@ class StageClient:
         """Starts the stream task (called lazily by the first `call`)."""
         if self._task is None:
             self._answered.clear()
-            self._set_queue(asyncio.Queue())  # calls queue here while the stream opens
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def call(self, tensors: Sequence[tuple[str, torch.Tensor]],
@@ -358,8 +358,9 @@ class StageClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._send_ready.wait(), RECONNECT_WAIT_S)
         if self._send is None or self._closed:
+            why = f" ({self._down_reason})" if self._down_reason else ""
             raise ServiceError(StatusCode.UNAVAILABLE, f"{self.peer} at {self.address} is "
-                                                    "unreachable; reconnecting")
+                                                    f"unreachable{why}; reconnecting")
         return self._send
 
     async def wait_connected(self, timeout: float) -> None:
@@ -370,7 +371,7 @@ class StageClient:
     async def _run(self) -> None:
         backoff = INITIAL_BACKOFF_S
         while not self._closed:
-            error, was_connected = await self._stream(self._send)
+            error, was_connected = await self._stream(asyncio.Queue())
             self._set_queue(None)
             self._connected.clear()
             self._fail_inflight(error)
@@ -382,13 +383,15 @@ class StageClient:
                       error=error.message, retry_in=round(backoff, 3))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
-            await self._redial_if_rotated()
+            await self._redial()
             self._answered.clear()
-            self._set_queue(asyncio.Queue())
 
     async def _stream(self, queue: asyncio.Queue) -> tuple[ServiceError, bool]:
         """Runs one stream until it breaks; returns why (UNAVAILABLE) and whether the peer
-        had answered (then the backoff starts afresh)."""
+        had answered (then the backoff starts afresh). Calls get the stream's `queue` only
+        once the peer answered: a call never goes into a stream that fails to open (then
+        it waits for the next attempt instead, at most RECONNECT_WAIT_S, as between
+        attempts), so a peer that comes up while a dial to it fails costs no request."""
         self._offer(queue)
         call = self._forward(_drain(queue))
         assembler = FrameAssembler(max_payload_bytes=1 << 40)
@@ -397,6 +400,8 @@ class StageClient:
             await call.initial_metadata()  # returns (empty) also when the call failed
             if not call.done():
                 connected = True
+                self._down_reason = ""
+                self._set_queue(queue)
                 self._connected.set()
                 log_event("next_hop_connected", peer=self.peer, address=self.address)
                 if self._answered.is_set():  # settled before the stream opened (grpc)
@@ -412,13 +417,20 @@ class StageClient:
             queue.put_nowait(None)  # ends the request iterator
             call.cancel()
             self._drop_rings()
+        self._down_reason = reason
         error = ServiceError(StatusCode.UNAVAILABLE, f"{self.peer} at {self.address}: {reason}")
         return error, connected
 
-    async def _redial_if_rotated(self) -> None:
-        """A channel keeps the certificates it was made with: after a rotation the next
-        stream goes through a new one."""
+    async def _redial(self) -> None:
+        """The next stream goes through a new channel when the certificates rotated (a
+        channel keeps those it was made with), or when this one is in grpc's reconnect
+        backoff: until that ends (up to 2 s) it fails every stream at once with the last
+        dial's error, even after the peer came up, so a relay stage that started before
+        its next hop refused its first requests. Our own backoff paces the dials."""
         channel = self._dialer.refresh(self.address, self._options)
+        if (channel is None and self._channel.get_state()
+                is grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            channel = self._dialer.channel(self.address, self._options)
         if channel is not None:
             old, self._channel = self._channel, channel
             self._stub = stage_pb2_grpc.StageServiceStub(channel)
