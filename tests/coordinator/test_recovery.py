@@ -129,6 +129,34 @@ def test_the_wait_ends_at_the_requests_deadline(model):
     assert outcome.error.code in (StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAVAILABLE)
 
 
+class StallingChain(ModelChain):
+    """Down: the first call fails at once, each later one only after an hour (a hop that
+    waits for a stream to a stage that does not come back)."""
+
+    async def forward(self, x, t, y, request_ids=()):
+        self.calls.append({"ids": list(request_ids)})
+        if len(self.calls) > 1:
+            await asyncio.sleep(3600)
+        raise ServiceError(StatusCode.UNAVAILABLE, "stage-1 at A is unreachable (refused)")
+
+
+def test_a_stalled_attempt_ends_before_the_deadline_with_the_reason(model):
+    """The client must hear why the chain failed before its own deadline passes: an attempt
+    in an outage may not outlast the request's patience (less a margin)."""
+    async def main():
+        engine, _ = make_engine(model, chain=StallingChain(model),
+                                unavailable_grace_seconds=600.0)
+        deadline = time.monotonic() + 1.5
+        outcome = await collect(engine, spec([1], steps=2, deadline=deadline))
+        return outcome, deadline - time.monotonic()
+
+    outcome, early = asyncio.run(asyncio.wait_for(main(), 30))
+    assert outcome.error.code is StatusCode.UNAVAILABLE
+    assert "stage chain is still unavailable after" in outcome.error.message
+    assert "stage-1 at A is unreachable (refused)" in outcome.error.message
+    assert early > 0  # answered before the deadline (by the margin, 0.5 s)
+
+
 def test_a_cancelled_request_stops_waiting(model):
     async def main():
         engine, chain = make_engine(model, unavailable_grace_seconds=600.0)

@@ -41,6 +41,9 @@ StreamItem = Event | ServiceError | asyncio.Task | None
 
 __all__ = ["Engine", "QueueFull", "RequestHandle"]
 
+ANSWER_MARGIN_SECONDS = 0.5
+"""During an outage, a microbatch's attempt ends this long before its requests' patience,
+so that the final error reaches their clients before their deadlines do."""
 WAIT_NOTICE_SECONDS = 5.0
 """While a request is stalled on a peer, a waiting notice is sent this often."""
 
@@ -227,10 +230,19 @@ class Engine:
         for attempt, delay in enumerate(backoff_delays(), start=1):
             sent, timeout = time.monotonic(), self.round_trips.timeout()
             healthy = not self.chain_outage.down
+            # In an outage an attempt may wait (a hop waits up to 2.5 s for its next stream),
+            # but not past its requests' patience: their clients must hear why before their
+            # own deadlines pass, not DEADLINE_EXCEEDED with no reason.
+            left = None if healthy else (self._patience(microbatch.requests, started)
+                                         - ANSWER_MARGIN_SECONDS - sent)
             try:
                 out, seconds = await asyncio.wait_for(
-                    self.chain.forward(microbatch.x, microbatch.t, microbatch.y, ids), timeout)
+                    self.chain.forward(microbatch.x, microbatch.t, microbatch.y, ids),
+                    timeout if left is None else max(0.0, min(timeout, left)))
             except TimeoutError:
+                if left is not None and left < timeout:
+                    raise self._gave_up("stage chain", started, attempt,
+                                        self.chain_outage.reason) from None
                 error = ServiceError(StatusCode.UNAVAILABLE, f"no answer from the stage chain "
                                      f"within {timeout:.1f} s (a stage is frozen or cut off)")
             except ServiceError as failure:
@@ -256,9 +268,7 @@ class Engine:
         if not waitable(error):
             raise error
         if now + delay > self._patience(requests, started):
-            raise ServiceError(error.code, f"the {peer} is still unavailable after "
-                               f"{now - started:.1f} s and {attempt} attempts: "
-                               f"{error.message}") from None
+            raise self._gave_up(peer, started, attempt, error.message, error.code)
         outage.failed(error)
         self._notify_waiting(requests, peer, error, now - started, now)
         log_event("waiting_on_peer", level=logging.WARNING, peer=peer, attempt=attempt,
@@ -266,6 +276,13 @@ class Engine:
                   message=error.message, **fields)
         metrics.RETRIES.inc()
         await asyncio.sleep(delay)
+
+    @staticmethod
+    def _gave_up(peer: str, started: float, attempt: int, reason: str,
+                 code: StatusCode = StatusCode.UNAVAILABLE) -> ServiceError:
+        """The final error of a wait for `peer` that its requests cannot wait out."""
+        return ServiceError(code, f"the {peer} is still unavailable after "
+                            f"{time.monotonic() - started:.1f} s and {attempt} attempts: {reason}")
 
     def _notify_waiting(self, requests: list[Request], peer: str, error: ServiceError,
                         waited: float, now: float) -> None:
