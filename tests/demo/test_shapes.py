@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from ditserve.demo import DEMO_CLASS_NAMES
-from ditserve.demo.shapes import CLASS_NAMES, IMAGE_SIZE, make_dataset
+from ditserve.demo.shapes import CLASS_NAMES, IMAGE_SIZE, _shape_mask, make_dataset
 
 
 def test_same_seed_same_images_other_seed_other_images():
@@ -46,6 +46,26 @@ def test_random_colours_keep_the_labels_and_change_the_colours():
     brightest = np.stack([c[np.argsort(c.sum(1))[-30:]].mean(0) for c in circles.astype(int)])
     assert np.ptp(brightest, axis=0).max() > 60  # colours spread far beyond the ±12 jitter
     assert brightest.max(1).min() > 120  # and each stands out of the dark background
+
+
+def _bbox_fill(mask: np.ndarray) -> float:
+    """Share of the shape's bounding box it covers (1 for an axis-aligned square)."""
+    ys, xs = np.nonzero(mask > 0.5)
+    return (mask > 0.5).sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+
+
+def test_upright_draws_the_same_images_unrotated():
+    # The DiT's data: the same labels, positions, sizes, colours and backgrounds, no angle.
+    plain, plain_labels = make_dataset(60, seed=3)
+    upright, upright_labels = make_dataset(60, seed=3, upright=True)
+    np.testing.assert_array_equal(plain_labels, upright_labels)
+    circles = plain_labels == CLASS_NAMES.index("red circle")  # rotating it changes nothing
+    assert np.abs(plain[circles].astype(int) - upright[circles]).mean() < 1.0
+    square = CLASS_NAMES.index("blue square")
+    fills = {flag: [_bbox_fill(_shape_mask(square, np.random.default_rng(s), flag))
+                    for s in range(8)] for flag in (False, True)}
+    assert min(fills[True]) > 0.9  # axis-aligned squares
+    assert min(fills[False]) < 0.7  # rotated ones fill far less of their box
 
 
 def test_names_match_the_package_constant():
