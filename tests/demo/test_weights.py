@@ -1,6 +1,8 @@
 """The shipped demo model: loads in the formats users load, is small, and makes pictures
 of the class asked for (judged by the shipped classifier)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from ditserve.demo import (
     DEMO_WEIGHTS,
     classify,
 )
+from ditserve.demo.card import write_card
 from ditserve.demo.generate import generate_images
 from ditserve.demo.shapes import make_dataset
 from ditserve.model import load_dit
@@ -96,3 +99,11 @@ def test_guidance_changes_the_output(dit, vae):
     plain = generate_images(dit, vae, labels, "ddim", 5, 1.0, seed=3)
     guided = generate_images(dit, vae, labels, "ddim", 5, 4.0, seed=3)
     assert not np.array_equal(plain, guided)
+
+
+def test_model_card_is_what_the_recipe_writes_from_the_shipped_run(tmp_path, dit):
+    """The card is rendered from training.json (`train-demo --card-only`): a template edit
+    must come with the regenerated card, never a hand-edited one that drifts."""
+    stats = json.loads((DEMO_WEIGHTS / "training.json").read_text())
+    write_card(tmp_path / "MODEL_CARD.md", stats, DEMO_WEIGHTS, dit.config)
+    assert (tmp_path / "MODEL_CARD.md").read_text() == (DEMO_WEIGHTS / "MODEL_CARD.md").read_text()
