@@ -257,6 +257,19 @@ def test_a_next_hop_that_starts_late_costs_no_request(launcher, tiny_checkpoint,
     x, t, y = _inputs(tiny_model.config, 2, seed=23)
     tensors = [("x", x), ("t", t), ("y", y)]
 
+    async def call_once_loaded(client):
+        """The stage listens before it has loaded its weights, and refuses streams until
+        then (UNAVAILABLE, "loading its weights", slow on a loaded machine): those calls
+        are made again; any other failure is the test's."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return await client.call(tensors)
+            except ServiceError as error:
+                if "loading its weights" not in error.message or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
     async def scenario():
         client = StageClient(address, peer="stage-0", transport="grpc")
         try:
@@ -265,7 +278,7 @@ def test_a_next_hop_that_starts_late_costs_no_request(launcher, tiny_checkpoint,
             await asyncio.sleep(1.0)  # more failed dials: the channel is backing off
             launcher.start_stage(tiny_checkpoint, 0, 1, port, wait=False)
             await asyncio.to_thread(_wait_listening, port)  # call as soon as it listens
-            up = await asyncio.gather(*(client.call(tensors) for _ in range(4)),
+            up = await asyncio.gather(*(call_once_loaded(client) for _ in range(4)),
                                       return_exceptions=True)
             return down.value, up
         finally:
