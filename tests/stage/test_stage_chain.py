@@ -23,6 +23,7 @@ from ditserve.chain.remote import RemoteChain
 from ditserve.common.errors import error_from_status
 from ditserve.common.grpc_options import channel_options
 from ditserve.common.status import ServiceError, StatusCode
+from ditserve.stage import client as client_module
 from ditserve.stage.client import StageClient
 from ditserve.wire import FrameAssembler, encode_frames
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
@@ -248,10 +249,18 @@ def _wait_listening(port: int, timeout: float = 60.0) -> None:
             time.sleep(0.01)
 
 
-def test_a_next_hop_that_starts_late_costs_no_request(launcher, tiny_checkpoint, tiny_model):
+@pytest.mark.parametrize("pause_s", [None, 60.0], ids=["backoff", "long-pause"])
+def test_a_next_hop_that_starts_late_costs_no_request(launcher, tiny_checkpoint, tiny_model,
+                                                      monkeypatch, pause_s):
     """A stage dials its next hop as it starts, maybe before that one listens: the dials
     fail and grpc's channel backs off. A call made once the next hop serves must wait for
-    the next dial, not fail at once with the last dial's stale error (as it did before)."""
+    the next dial, not fail at once with the last dial's stale error (as it did before,
+    also through a fresh channel, which shared the old one's subchannel). With a pause
+    between attempts far longer than a call waits (`pause_s`), the call must cut the pause
+    short and dial at once."""
+    if pause_s is not None:
+        monkeypatch.setattr(client_module, "INITIAL_BACKOFF_S", pause_s)
+        monkeypatch.setattr(client_module, "MAX_BACKOFF_S", pause_s)
     port = find_free_port()
     address = f"127.0.0.1:{port}"
     x, t, y = _inputs(tiny_model.config, 2, seed=23)

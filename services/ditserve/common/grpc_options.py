@@ -54,4 +54,9 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     return [*_common(max_message_bytes),
             # Reconnect quickly after a peer restarts (the chain heals on its own).
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2_000)]
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+            # Its own connections: by default channels to one address share grpc's global
+            # subchannels, so a fresh channel made to cut a reconnect backoff short (as
+            # the stage client's does) took over the old one's backoff and failed at once
+            # with its stale "Connection refused", even after the peer came up.
+            ("grpc.use_local_subchannel_pool", 1)]

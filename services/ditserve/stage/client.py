@@ -70,8 +70,12 @@ _held = functools.cache(HANDOFFS_HELD.labels)
 
 INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 2.0
+"""Pause between stream attempts while no call waits: doubles from the initial one."""
+DEMAND_DIAL_GAP_S = 0.2
+"""A call that finds the stream down cuts that pause short, but dials no more often than
+this: a peer that came back serves the next call at once, a down one is not hammered."""
 RECONNECT_WAIT_S = 2.5
-"""How long a call waits for a stream that is between reconnection attempts."""
+"""How long a call waits for the outcome of a stream attempt made after it arrived."""
 DESCRIBE_TIMEOUT_S = 5.0
 """Time limit of a DescribeChain call from the coordinator; each hop asks the next one
 with DESCRIBE_HOP_MARGIN_S less, so that a frozen stage's predecessor answers (naming
@@ -127,8 +131,10 @@ class StageClient:
         self._ids = itertools.count(1)
         self._inflight: dict[int, asyncio.Future] = {}
         self._send: asyncio.Queue | None = None  # frames of the current stream; None: down
-        self._send_ready = asyncio.Event()  # set while _send is a queue
         self._connected = asyncio.Event()
+        self._attempts_started = self._attempts_ended = 0  # stream attempts so far
+        self._progress = asyncio.Event()  # set (and replaced) when a stream opens or ends
+        self._wanted = asyncio.Event()  # a call waits for a stream: dial without backoff
         self._down_reason = ""  # why the last stream attempt failed ("" once one opened)
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -347,21 +353,38 @@ class StageClient:
 
     def _set_queue(self, queue: asyncio.Queue | None) -> None:
         self._send = queue
-        if queue is None:
-            self._send_ready.clear()
-        else:
-            self._send_ready.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wakes the calls waiting for a stream attempt (see _await_attempt)."""
+        self._progress.set()
+        self._progress = asyncio.Event()
 
     async def _queue(self) -> asyncio.Queue:
         """The current stream's send queue, waiting briefly through a reconnection."""
-        if self._send is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._send_ready.wait(), RECONNECT_WAIT_S)
+        if self._send is None and not self._closed:
+            await self._await_attempt()
         if self._send is None or self._closed:
             why = f" ({self._down_reason})" if self._down_reason else ""
             raise ServiceError(StatusCode.UNAVAILABLE, f"{self.peer} at {self.address} is "
                                                     f"unreachable{why}; reconnecting")
         return self._send
+
+    async def _await_attempt(self) -> None:
+        """Waits, at most RECONNECT_WAIT_S, until a stream opens or an attempt that started
+        after this call arrived has failed. An earlier attempt's failure says nothing of
+        the peer now: a dial made before the peer came up fails with a stale error. The
+        wait cuts the reconnection pause short (DEMAND_DIAL_GAP_S), so a peer that came
+        back serves its first call without waiting for the backoff."""
+        after = self._attempts_started + 1
+        self._wanted.set()
+        deadline = asyncio.get_running_loop().time() + RECONNECT_WAIT_S
+        while self._send is None and self._attempts_ended < after and not self._closed:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
 
     async def wait_connected(self, timeout: float) -> None:
         """Waits until the stream is open (the peer answered); TimeoutError otherwise."""
@@ -371,7 +394,10 @@ class StageClient:
     async def _run(self) -> None:
         backoff = INITIAL_BACKOFF_S
         while not self._closed:
+            self._wanted.clear()  # calls from now on want the next attempt
+            self._attempts_started += 1
             error, was_connected = await self._stream(asyncio.Queue())
+            self._attempts_ended += 1
             self._set_queue(None)
             self._connected.clear()
             self._fail_inflight(error)
@@ -381,17 +407,27 @@ class StageClient:
                 backoff = INITIAL_BACKOFF_S
             log_event("next_hop_down", level=30, peer=self.peer, address=self.address,
                       error=error.message, retry_in=round(backoff, 3))
-            await asyncio.sleep(backoff)
+            await self._pause(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
             await self._redial()
             self._answered.clear()
+
+    async def _pause(self, backoff: float) -> None:
+        """Sleeps `backoff` after an attempt, less once a call waits: then the next attempt
+        comes DEMAND_DIAL_GAP_S after the last one ended (or at once, if that is past)."""
+        loop = asyncio.get_running_loop()
+        ended = loop.time()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wanted.wait(), backoff)
+        if self._wanted.is_set():
+            await asyncio.sleep(max(0.0, ended + min(DEMAND_DIAL_GAP_S, backoff) - loop.time()))
 
     async def _stream(self, queue: asyncio.Queue) -> tuple[ServiceError, bool]:
         """Runs one stream until it breaks; returns why (UNAVAILABLE) and whether the peer
         had answered (then the backoff starts afresh). Calls get the stream's `queue` only
         once the peer answered: a call never goes into a stream that fails to open (then
-        it waits for the next attempt instead, at most RECONNECT_WAIT_S, as between
-        attempts), so a peer that comes up while a dial to it fails costs no request."""
+        it waits for the next attempt instead: see _await_attempt), so a peer that comes up
+        while a dial to it fails costs no request."""
         self._offer(queue)
         call = self._forward(_drain(queue))
         assembler = FrameAssembler(max_payload_bytes=1 << 40)
@@ -479,6 +515,7 @@ class StageClient:
 
     async def close(self) -> None:
         self._closed = True
+        self._notify()  # calls waiting for a stream fail now
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
