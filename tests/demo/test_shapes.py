@@ -75,3 +75,33 @@ def test_names_match_the_package_constant():
 def test_rejects_an_empty_dataset():
     with pytest.raises(ValueError, match="dataset size"):
         make_dataset(0, seed=0)
+
+
+def _centre(mask: np.ndarray) -> np.ndarray:
+    """The coverage-weighted centre (x, y) of a mask, in pixels."""
+    ys, xs = np.indices(mask.shape) + 0.5
+    return np.array([(xs * mask).sum(), (ys * mask).sum()]) / mask.sum()
+
+
+def test_centre_spread_moves_the_same_shapes_towards_the_centre():
+    # The DiT's data: the same draws (size, angle, colours), each shape nearer the centre.
+    plain, plain_labels = make_dataset(40, seed=5, upright=True)
+    same, _ = make_dataset(40, seed=5, upright=True, centre_spread=1.0)
+    np.testing.assert_array_equal(plain, same)  # 1: where drawn, bit for bit
+    near, near_labels = make_dataset(40, seed=5, upright=True, centre_spread=0.2)
+    assert not np.array_equal(plain, near)
+    np.testing.assert_array_equal(plain_labels, near_labels)
+    middle = np.full(2, IMAGE_SIZE / 2)
+    symmetric = [CLASS_NAMES.index(name) for name in (  # their centroid is where they are drawn
+        "red circle", "blue square", "purple cross", "orange ring", "cyan diamond")]
+    for seed in range(12):
+        drawn, moved = (_shape_mask(symmetric[seed % 5], np.random.default_rng(seed), True,
+                                    spread) for spread in (1.0, 0.2))
+        assert abs(drawn.sum() - moved.sum()) < 0.02 * drawn.sum()  # the same shape, moved
+        # The centroid's offset shrinks 5×, up to antialiasing (a fraction of a pixel):
+        offset, kept = _centre(drawn) - middle, _centre(moved) - middle
+        np.testing.assert_allclose(kept, 0.2 * offset, atol=0.3)
+    assert max(np.abs(_centre(_shape_mask(0, np.random.default_rng(s), True, 0.2)) - middle).max()
+               for s in range(20)) < 3.6  # ±3.4 px at most for radius 14 (RADIUS)
+    with pytest.raises(ValueError, match="centre_spread"):
+        make_dataset(4, seed=0, centre_spread=1.5)

@@ -1,9 +1,7 @@
 """The embedded demo model through the running multi-stage pipeline makes pictures of the
 class asked for, with the server's default sampler and guidance: the shipped colour judge
-names at least 90% of them right (issue: the embedded default model). Issue 17's bars (shape
-judge ≥ 90%, colour judge ≥ 95%, each judge ≥ 80% of every class) are not met yet by the
-shipped weights: that test is a strict xfail, so that weights that meet them turn it red
-until the mark goes."""
+names at least 90% of them right (issue: the embedded default model), and both judges meet
+issue 17's bars (shape judge ≥ 90%, colour judge ≥ 95%, each judge ≥ 80% of every class)."""
 
 from __future__ import annotations
 
@@ -78,9 +76,6 @@ def test_generated_images_show_the_requested_class(generated):
     assert accuracy >= COLOUR_BAR, per_class.tolist()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: the shipped weights draw upright shapes with "
-                   "corners now, but the shape judge names 62-82 % of them, some classes "
-                   "(star, diamond, hexagon, arrow) 60 % (MODEL_CARD.md)")
 def test_both_judges_recognise_every_class(generated):
     for judge, bar in TARGETS.items():
         accuracy, per_class = _judged(generated, judge)

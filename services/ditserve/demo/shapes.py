@@ -100,15 +100,20 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return image + rng.normal(0, rng.uniform(0, 10), image.shape)
 
 
-def _shape_mask(label: int, rng: np.random.Generator, upright: bool = False) -> np.ndarray:
+def _shape_mask(label: int, rng: np.random.Generator, upright: bool = False,
+                centre_spread: float = 1.0) -> np.ndarray:
     """The antialiased coverage (S, S) in [0, 1] of one shape of class `label`; `upright`:
-    not rotated (the angle is still drawn, so every other draw stays the same)."""
+    not rotated (the angle is still drawn, so every other draw stays the same);
+    `centre_spread`: the shape's centre moved to that fraction of its drawn offset from
+    the image's centre (the position is still drawn)."""
     big = IMAGE_SIZE * _SUPERSAMPLE
     radius = rng.uniform(*RADIUS)
     cx, cy = (rng.uniform(radius + 1, IMAGE_SIZE - radius - 1) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
     if upright:
         angle = 0.0
+    if centre_spread != 1.0:
+        cx, cy = (IMAGE_SIZE / 2 + (v - IMAGE_SIZE / 2) * centre_spread for v in (cx, cy))
     canvas = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(canvas)
     vertices = CLASSES[label][2](radius * _SUPERSAMPLE, angle)
@@ -127,27 +132,30 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 
 
 def draw_image(label: int, rng: np.random.Generator, random_colour: bool = False,
-               upright: bool = False) -> np.ndarray:
+               upright: bool = False, centre_spread: float = 1.0) -> np.ndarray:
     """One (S, S, 3) uint8 image of class `label`, in its class colour (jittered) or, with
     `random_colour`, in any colour (for a judge that must tell classes by outline alone)."""
     background = _background(rng)
     colour = (_random_colour(rng) if random_colour
               else np.clip(np.array(CLASSES[label][1]) + rng.normal(0, 12, 3), 0, 255))
-    mask = _shape_mask(label, rng, upright)[..., None]
+    mask = _shape_mask(label, rng, upright, centre_spread)[..., None]
     shade = 1 + rng.uniform(-0.08, 0.08) * np.linspace(-1, 1, IMAGE_SIZE)[:, None, None]
     image = background * (1 - mask) + colour * shade * mask
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def make_dataset(count: int, seed: int, random_colour: bool = False,
-                 upright: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def make_dataset(count: int, seed: int, random_colour: bool = False, upright: bool = False,
+                 centre_spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """`count` images (count, S, S, 3) uint8 and labels (count,) int64, class-balanced
     (labels cycle 0..9, then are shuffled), the same for the same seed; `random_colour`
     draws every shape in any colour instead of its class's; `upright` draws the same
-    images with no shape rotated."""
+    images with no shape rotated, `centre_spread` < 1 with each shape nearer the centre."""
     if count < 1:
         raise ValueError(f"dataset size must be positive, got {count}")
+    if not 0.0 <= centre_spread <= 1.0:
+        raise ValueError(f"centre_spread must be in [0, 1], got {centre_spread}")
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % len(CLASSES)).astype(np.int64)
-    images = np.stack([draw_image(int(y), rng, random_colour, upright) for y in labels])
+    images = np.stack([draw_image(int(y), rng, random_colour, upright, centre_spread)
+                       for y in labels])
     return images, labels
