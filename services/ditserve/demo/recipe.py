@@ -72,9 +72,9 @@ class TrainPlan:
     dit_centre_spread: float = 0.2
     """The DiT's training shapes sit at this fraction of their drawn offset from the image
     centre (within ±3.4 px of it at 0.2; 1: where drawn), the VAE's and judges' where
-    drawn. Upright but anywhere in the frame, the DiT spent its capacity on where a shape
-    is: shape judge 71 % at ddpm 250, guidance 4, the cross 30 %; centred as well, 98 %,
-    every class ≥ 90 % (the model card's history)."""
+    drawn. Upright anywhere in the frame, the DiT's samples scored 71 % with the shape
+    judge at ddpm 250, guidance 4 (the cross 30 %); centred as well, 98 %, every class
+    ≥ 90 % (the model card's history)."""
     dit_steps: int = 6000
     """DiT optimiser steps."""
     dit_lr: float = 1e-3
