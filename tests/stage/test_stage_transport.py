@@ -60,7 +60,7 @@ def test_shared_memory_carries_the_same_bytes_as_grpc(chains):
     for a, b in zip(by_shm, by_grpc, strict=True):
         assert torch.equal(a, b)  # the same bytes through another path: bit-identical
     for stage in auto[:2]:  # each stage with a next hop negotiated shm, probe and all
-        assert "event=shm_negotiated" in stage.log()
+        assert "event=shm_negotiated" in stage.log() and "doorbell=True" in stage.log()
         assert "event=data_path peer=stage-" in stage.log() and " path=shm " in stage.log()
     assert not any("shm_negotiated" in stage.log() for stage in grpc)
 
@@ -149,3 +149,54 @@ def test_a_slot_read_in_place_is_not_reused_before_its_reply(chains):
     by_grpc = asyncio.run(outputs(grpc[0].address, "grpc"))
     for a, b in zip(by_shm, by_grpc, strict=True):
         assert torch.equal(a, b)
+
+
+def test_frames_on_the_doorbell_or_on_the_stream_give_the_same_bytes(chains):
+    """With a ring, the stream's frames go over the doorbell (wire/doorbell.py) unless the
+    client keeps them on gRPC; either way the replies are bit-identical to gRPC bytes."""
+    auto, grpc = chains
+    x, t, y = _inputs(2)
+
+    async def out(address: str, transport: str, doorbell: bool) -> torch.Tensor:
+        client = StageClient(address, peer="stage-0", transport=transport, doorbell=doorbell)
+        try:
+            await client.wait_connected(30)
+            replies = await asyncio.gather(*(client.call([("x", x), ("t", t), ("y", y)])
+                                             for _ in range(3)))
+            assert (client._bell is not None) == (doorbell and transport == "shm")
+            assert all(torch.equal(r["out"], replies[0][0]["out"]) for r, _ in replies)
+            return replies[0][0]["out"]
+        finally:
+            await client.close()
+
+    by_bell = asyncio.run(out(auto[0].address, "shm", True))
+    assert torch.equal(by_bell, asyncio.run(out(auto[0].address, "shm", False)))
+    assert torch.equal(by_bell, asyncio.run(out(grpc[0].address, "grpc", True)))
+
+
+def test_a_malformed_frame_on_the_doorbell_ends_only_that_stream(chains):
+    """Bytes on the doorbell that are not a frame refuse the stream (INVALID_ARGUMENT, as
+    on gRPC): the caller's microbatches fail UNAVAILABLE, it reconnects with a fresh ring
+    and doorbell, and the stage serves it and everyone else as before."""
+    auto, _ = chains
+    x, t, y = _inputs(1)
+
+    async def run() -> None:
+        client = StageClient(auto[0].address, peer="stage-0", transport="shm")
+        try:
+            await client.wait_connected(30)
+            await client.call([("x", x), ("t", t), ("y", y)])
+            bell = client._bell
+            bell.sock.sendall(b"\x03\x00\x00\x00\xff\xff\xff")  # a length, then not protobuf
+            deadline = asyncio.get_running_loop().time() + 10
+            while client._bell is bell:  # the stage closed it: the stream ends and heals
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            (reply, _) = await client.call([("x", x), ("t", t), ("y", y)])
+            assert reply["out"].shape[0] == 1 and client._bell is not None
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+    assert "unreadable frame on the doorbell" in auto[0].log()
+    assert len(asyncio.run(_forward(auto[0].address))) == 3

@@ -60,6 +60,7 @@ from ditserve.wire.cuda_ipc import (
     choose_path,
     probe_token,
 )
+from ditserve.wire.doorbell import Doorbell, DoorbellError, connect
 from ditserve.wire.shm import DEFAULT_SLOTS, ShmRing, ShmUnavailable
 
 from .runner import StageDescription
@@ -100,18 +101,24 @@ class StageClient:
                  max_message_bytes: int = MAX_MESSAGE_BYTES, dialer: Dialer | None = None,
                  transport: Transport = "grpc", slot_bytes: int | None = None,
                  slots: int = DEFAULT_SLOTS, device: str = "cpu", handoff: Handoff = CUDA_IPC,
-                 max_handoffs: int = MAX_OUTSTANDING):
+                 max_handoffs: int = MAX_OUTSTANDING, doorbell: bool = True):
         """`transport` "auto"/"shm" offers a shared-memory ring of `slots` slots of
         `slot_bytes` (default DEFAULT_SLOT_BYTES) when each stream opens; "grpc" sends
         every byte over the stream. With "shm" a refused offer fails every call
         FAILED_PRECONDITION; with "auto" the bytes then go over gRPC. Beside the ring, a
         client whose tensors live on a `device` the `handoff` serves (CUDA) offers the
         CUDA probe: if the peer passes it, tensors on that device go as handles, at most
-        `max_handoffs` microbatches unacknowledged (the rest by the ring or bytes)."""
+        `max_handoffs` microbatches unacknowledged (the rest by the ring or bytes). With
+        a ring, `doorbell` asks the peer to move the stream's frames to a Unix socket
+        beside it (wire/doorbell.py; False keeps them on the gRPC stream)."""
         self.address, self.peer, self.chunk_bytes = address, peer, chunk_bytes
         self.transport, self.slots = transport, slots
         self.slot_bytes = slot_bytes or DEFAULT_SLOT_BYTES
         self.device, self.handoff, self.max_handoffs = device, handoff, max_handoffs
+        self.doorbell = doorbell
+        self._bell: Doorbell | None = None  # the current stream's doorbell, once connected
+        self._bell_lost: asyncio.Future | None = None  # resolved with why, if it breaks
+        self._replies: FrameAssembler | None = None  # the current stream's reply assembler
         self._ring: ShmRing | None = None  # the current stream's ring, once accepted
         self._offered: ShmRing | None = None  # offered, not yet answered
         self._probe: torch.Tensor | None = None  # the CUDA probe's memory, until answered
@@ -171,8 +178,9 @@ class StageClient:
                 self._slot_of[mb_id] = slot.number
         future = asyncio.get_running_loop().create_future()
         self._inflight[mb_id] = future
+        send = self._bell.send if self._bell is not None else queue.put_nowait
         for frame in frames:
-            queue.put_nowait(frame)
+            send(frame)
         _wire_bytes("tx", self.peer).inc(frames[0].payload_bytes)
         _sent(self.peer, path).inc()
         try:
@@ -259,7 +267,8 @@ class StageClient:
             return
         self._offered = ring
         offer = stage_pb2.ForwardRequest(microbatch_id=0, shm_offer=stage_pb2.ShmOffer(
-            segment=ring.name, token=ring.token, slot_bytes=ring.slot_bytes, slots=ring.slots))
+            segment=ring.name, token=ring.token, slot_bytes=ring.slot_bytes, slots=ring.slots,
+            doorbell=self.doorbell))
         if self.handoff.usable(self.device):
             try:
                 token = probe_token()
@@ -280,8 +289,10 @@ class StageClient:
         if frame.HasField("shm_answer") and frame.shm_answer.accepted:
             ring.unlink()  # the peer unlinked it already; this covers a peer that did not
             self._ring, self._refusal = ring, ""
+            self._ring_doorbell(frame.shm_answer)
             log_event("shm_negotiated", peer=self.peer, segment=ring.name,
-                      slots=ring.slots, slot_bytes=ring.slot_bytes)
+                      slots=ring.slots, slot_bytes=ring.slot_bytes,
+                      doorbell=self._bell is not None)
         else:
             ring.close()
             self._refusal = (frame.shm_answer.reason if frame.HasField("shm_answer")
@@ -308,6 +319,25 @@ class StageClient:
             reason = cuda.reason or f"the peer computes on {cuda.device}"
         self._settle_path(path, reason)
 
+    def _ring_doorbell(self, answer: Any) -> None:
+        """Connects to the doorbell the peer named (wire/doorbell.py); frames go there from
+        now on. Without it (none named, or it cannot be reached) they stay on gRPC."""
+        if not (self.doorbell and answer.doorbell):
+            return
+        try:
+            sock = connect(answer.doorbell, answer.doorbell_token)
+        except DoorbellError as error:
+            log_event("doorbell_unavailable", level=30, peer=self.peer, reason=str(error))
+            return
+        self._bell = Doorbell(sock, parse_response,
+                              lambda frame: self._on_frame(frame, self._replies),
+                              self._on_bell_closed, MAX_MESSAGE_BYTES)
+
+    def _on_bell_closed(self, reason: str, violation: bool) -> None:
+        """The doorbell broke: the stream is broken (_stream ends it and reconnects)."""
+        if reason and self._bell_lost is not None and not self._bell_lost.done():
+            self._bell_lost.set_result(reason)
+
     def _settle_path(self, path: DataPath, reason: str) -> None:
         """The stream's data path is known: calls may go; announced once connected."""
         self._path, self._path_reason = path, reason
@@ -328,6 +358,9 @@ class StageClient:
         no slot a dead or departed reader may hold is ever written again; the ledger lets
         go of every tensor it held (a receiver that is gone will not acknowledge; a live
         one still mapping an allocation keeps it through torch's IPC reference count)."""
+        bell, self._bell = self._bell, None
+        if bell is not None:
+            bell.close()
         for ring in (self._ring, self._offered):
             if ring is not None:
                 ring.close()
@@ -430,8 +463,9 @@ class StageClient:
         while a dial to it fails costs no request."""
         self._offer(queue)
         call = self._forward(_drain(queue))
-        assembler = FrameAssembler(max_payload_bytes=1 << 40)
-        connected = False
+        assembler = self._replies = FrameAssembler(max_payload_bytes=1 << 40)
+        self._bell_lost = asyncio.get_running_loop().create_future()
+        connected, reader = False, None
         try:
             await call.initial_metadata()  # returns (empty) also when the call failed
             if not call.done():
@@ -442,20 +476,33 @@ class StageClient:
                 log_event("next_hop_connected", peer=self.peer, address=self.address)
                 if self._answered.is_set():  # settled before the stream opened (grpc)
                     self._announce_path()
-            async for frame in call:
-                self._on_frame(frame, assembler)
-            reason = "stream closed by the peer"
+            # Replies come on the stream, or on its doorbell once that is open: whichever
+            # of the two ends first ends both.
+            reader = asyncio.ensure_future(self._read_replies(call, assembler))
+            await asyncio.wait((reader, self._bell_lost), return_when=asyncio.FIRST_COMPLETED)
+            reason = reader.result() if reader.done() else self._bell_lost.result()
         except grpc.RpcError as rpc_error:
             reason = error_from_rpc(rpc_error).message or "stream failed"
-        except Exception as error:  # a reply that does not parse: the stream is unusable
-            reason = f"unreadable reply: {error!r}"
         finally:
+            if reader is not None:
+                reader.cancel()
             queue.put_nowait(None)  # ends the request iterator
             call.cancel()
             self._drop_rings()
         self._down_reason = reason
         error = ServiceError(StatusCode.UNAVAILABLE, f"{self.peer} at {self.address}: {reason}")
         return error, connected
+
+    async def _read_replies(self, call: Any, assembler: FrameAssembler) -> str:
+        """Handles the stream's replies until it ends; returns why it ended."""
+        try:
+            async for frame in call:
+                self._on_frame(frame, assembler)
+            return "stream closed by the peer"
+        except grpc.RpcError as rpc_error:
+            return error_from_rpc(rpc_error).message or "stream failed"
+        except Exception as error:  # a reply that does not parse: the stream is unusable
+            return f"unreadable reply: {error!r}"
 
     async def _redial(self) -> None:
         """The next stream goes through a new channel when the certificates rotated (a

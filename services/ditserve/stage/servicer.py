@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
+import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -31,6 +33,7 @@ import torch
 from ditserve_client.proto.dit.v1 import stage_pb2, stage_pb2_grpc
 
 from ditserve.common.errors import status_proto, to_grpc_status
+from ditserve.common.grpc_options import MAX_MESSAGE_BYTES
 from ditserve.common.logs import log_event
 from ditserve.common.status import ServiceError, StatusCode
 from ditserve.wire import (
@@ -44,6 +47,7 @@ from ditserve.wire import (
     serialize,
 )
 from ditserve.wire.cuda_ipc import CUDA_IPC, Handoff, accept_probe, import_stream
+from ditserve.wire.doorbell import Doorbell, DoorbellError, DoorbellListener
 from ditserve.wire.shm import ShmUnavailable, ShmView
 
 from . import metrics
@@ -69,6 +73,29 @@ and a relay stream carries one origin per stream that entered stage 0, far fewer
 _END = object()  # sentinel: no more replies on this stream
 
 
+class _Stream:
+    """One Forward stream's receiving side, whichever way its frames come (gRPC or the
+    doorbell)."""
+
+    def __init__(self, assembler: FrameAssembler):
+        self.assembler = assembler
+        self.replies: asyncio.Queue = asyncio.Queue()  # frames for the gRPC side
+        self.tasks: set[asyncio.Task] = set()  # the microbatches being answered
+        self.turn = object()  # this stream's turn at the compute thread
+        self.stamps: OrderedDict[int, int] = OrderedDict()  # origin received → our stamp
+        self.violation: str | None = None  # why the stream must be refused, if it must
+        self.token: bytes | None = None  # the doorbell's token, until it is used
+        self.doorbell: Doorbell | None = None
+        self.ended = False
+
+    def reply(self, frame: Any) -> None:
+        """Where frames that answer no particular frame go: the doorbell once open."""
+        if self.doorbell is not None and not self.doorbell.closed:
+            self.doorbell.send(frame)
+        else:
+            self.replies.put_nowait(frame)
+
+
 class StageServicer(stage_pb2_grpc.StageServiceServicer):
     """One stage of the relay chain."""
 
@@ -86,6 +113,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         self.gate = FairGate()
         self._window: OriginWindow | None = None
         self._origins = itertools.count(1)  # origin stamps, unique in this process
+        self._listener: DoorbellListener | None = None  # opened with the first ring
+        self._listener_failure: str | None = None
 
     @property
     def name(self) -> str:
@@ -102,24 +131,35 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         """Multiplexed microbatches in, replies (or in-stream errors) out, in any order."""
         runner = await self._require_runner(context)
         await context.send_initial_metadata(())  # tells the caller the stream is open
-        replies: asyncio.Queue = asyncio.Queue()
         assembler = FrameAssembler(runner.max_payload_bytes(), budget=self._receive_budget(),
                                    stream_limit_bytes=self._stream_share_bytes)
-        reader = asyncio.create_task(self._read(assembler, request_iterator, replies))
-        expiry = asyncio.create_task(self._expire(assembler, replies))
+        stream = _Stream(assembler)
+        reader = asyncio.create_task(self._read(stream, request_iterator))
+        expiry = asyncio.create_task(self._expire(stream))
         try:
-            while (frame := await replies.get()) is not _END:
+            while (frame := await stream.replies.get()) is not _END:
                 yield frame
         finally:
             reader.cancel()
             expiry.cancel()
-            assembler.close()
-            if assembler.slots is not None:
-                assembler.slots.close()  # the ring was unlinked when mapped: now it is gone
-        if (violation := reader.result()) is not None:
+            self._end(stream)
+        if stream.violation is not None:
             log_event("stream_refused", level=logging.WARNING, peer=context.peer(),
-                      message=violation)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, violation)
+                      message=stream.violation)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.violation)
+
+    def _end(self, stream: _Stream) -> None:
+        """The stream is over (either way): nothing of it is left behind."""
+        stream.ended = True
+        for task in stream.tasks:
+            task.cancel()
+        if stream.token is not None and self._listener is not None:
+            self._listener.forget(stream.token)
+        if stream.doorbell is not None:
+            stream.doorbell.close()
+        stream.assembler.close()
+        if stream.assembler.slots is not None:
+            stream.assembler.slots.close()  # the ring was unlinked when mapped: now it is gone
 
     def _origin_window(self) -> OriginWindow:
         # One origin may keep a microbatch at this stage and at each one after it (what the
@@ -139,61 +179,64 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             self._budget = ByteBudget(limit)
         return self._budget
 
-    async def _read(self, assembler: FrameAssembler, request_iterator: AsyncIterator[Any],
-                    replies: asyncio.Queue) -> str | None:
-        """Reads the stream to its end; returns why it must be refused, if it must."""
-        tasks: set[asyncio.Task] = set()
-        stream = object()  # this stream's turn at the compute thread
-        stamps: OrderedDict[int, int] = OrderedDict()  # origin received → our stamp for it
-        violation = None
+    async def _read(self, stream: _Stream, request_iterator: AsyncIterator[Any]) -> None:
+        """Reads the gRPC side of the stream to its end (a violation ends it early)."""
         try:
             async for frame in request_iterator:
-                if frame.HasField("shm_offer") or frame.HasField("cuda_offer"):
-                    replies.put_nowait(self._answer_offer(frame, assembler))
-                    continue
-                # A microbatch in a shared-memory slot is read in place: its reply (or
-                # error) frees the slot at the sender, so no frame of its own does.
-                try:
-                    microbatch = assembler.add(frame)
-                except WireProtocolError as error:
-                    violation = str(error)
+                if not self._receive(frame, stream, stream.replies.put_nowait):
                     break
-                except WireError as error:
-                    self._reply_error(replies, error.microbatch_id or 0, error.to_service_error())
-                    continue
-                if microbatch is not None:
-                    # Stage 0 is where microbatches enter: what they claim is ignored.
-                    received = 0 if self.runner.stage_index == 0 else microbatch.first_frame.origin
-                    if received in stamps:
-                        stamps.move_to_end(received)
-                    else:
-                        stamps[received] = next(self._origins)
-                        if len(stamps) > STAMPS_PER_STREAM:
-                            stamps.popitem(last=False)
-                    task = asyncio.create_task(self._handle(
-                        microbatch, assembler, replies, stream, stamps[received]))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
             else:
-                for mb_id in assembler.pending_ids():
-                    self._reply_error(replies, mb_id, ServiceError(
+                for mb_id in stream.assembler.pending_ids():
+                    self._reply_error(stream.reply, mb_id, ServiceError(
                         StatusCode.INVALID_ARGUMENT, f"microbatch {mb_id}: stream ended before "
                                                     "its payload was complete"))
-                await asyncio.gather(*tasks)
+                await asyncio.gather(*stream.tasks)
         except grpc.RpcError:
             pass  # the peer went away: nobody is left to answer
         except Exception as error:  # e.g. bytes that do not parse as a ForwardRequest
-            violation = f"unreadable frame on the Forward stream: {error}"
+            stream.violation = f"unreadable frame on the Forward stream: {error}"
         finally:
-            for task in tasks:
-                task.cancel()
-            replies.put_nowait(_END)
-        return violation
+            stream.replies.put_nowait(_END)
 
-    def _answer_offer(self, frame: Any, assembler: FrameAssembler) -> stage_pb2.ForwardResponse:
-        """The answer to the stream's probes: the shared-memory ring, then the CUDA one."""
+    def _receive(self, frame: Any, stream: _Stream, reply: Callable[[Any], None]) -> bool:
+        """One frame from the stream (gRPC or its doorbell); answers go to `reply`. False:
+        a protocol violation (in `stream.violation`), which ends the stream."""
+        if frame.HasField("shm_offer") or frame.HasField("cuda_offer"):
+            reply(self._answer_offer(frame, stream))
+            return True
+        # A microbatch in a shared-memory slot is read in place: its reply (or error)
+        # frees the slot at the sender, so no frame of its own does.
+        try:
+            microbatch = stream.assembler.add(frame)
+        except WireProtocolError as error:
+            stream.violation = str(error)
+            return False
+        except WireError as error:
+            self._reply_error(reply, error.microbatch_id or 0, error.to_service_error())
+            return True
+        if microbatch is not None:
+            # Stage 0 is where microbatches enter: what they claim is ignored.
+            received = 0 if self.runner.stage_index == 0 else microbatch.first_frame.origin
+            stamps = stream.stamps
+            if received in stamps:
+                stamps.move_to_end(received)
+            else:
+                stamps[received] = next(self._origins)
+                if len(stamps) > STAMPS_PER_STREAM:
+                    stamps.popitem(last=False)
+            task = asyncio.create_task(self._handle(microbatch, stream, stamps[received], reply))
+            stream.tasks.add(task)
+            task.add_done_callback(stream.tasks.discard)
+        return True
+
+    def _answer_offer(self, frame: Any, stream: _Stream) -> stage_pb2.ForwardResponse:
+        """The answer to the stream's probes: the shared-memory ring (with the doorbell),
+        then the CUDA one."""
+        assembler = stream.assembler
         answer = stage_pb2.ForwardResponse(microbatch_id=0, shm_answer=self._answer_shm(
             frame.shm_offer, assembler))
+        if answer.shm_answer.accepted and frame.shm_offer.doorbell:
+            self._offer_doorbell(stream, answer.shm_answer)
         if frame.HasField("cuda_offer"):
             reason = self._answer_cuda(frame.cuda_offer, assembler)
             answer.cuda_answer.CopyFrom(stage_pb2.CudaAnswer(
@@ -217,6 +260,42 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             log_event("shm_refused", level=logging.INFO, reason=reason)
         return stage_pb2.ShmAnswer(accepted=not reason, reason=reason)
 
+    def _offer_doorbell(self, stream: _Stream, answer: stage_pb2.ShmAnswer) -> None:
+        """Names this process's doorbell and a token for this stream (wire/doorbell.py);
+        without one (none can listen here) the frames stay on the gRPC stream."""
+        if self._listener is None and self._listener_failure is None:
+            try:
+                self._listener = DoorbellListener()
+            except DoorbellError as error:
+                self._listener_failure = str(error)
+                log_event("doorbell_unavailable", level=logging.WARNING, reason=str(error))
+        if self._listener is None or stream.token is not None:
+            return
+        stream.token = self._listener.expect(functools.partial(self._attach, stream))
+        answer.doorbell, answer.doorbell_token = self._listener.name, stream.token
+
+    def _attach(self, stream: _Stream, sock: socket.socket) -> None:
+        """The sender connected to the doorbell: from now on its frames come this way."""
+        stream.token = None  # used
+        if stream.ended:
+            sock.close()
+            return
+        stream.doorbell = Doorbell(
+            sock, parse_request, functools.partial(self._on_doorbell_frame, stream),
+            functools.partial(self._doorbell_closed, stream), MAX_MESSAGE_BYTES)
+
+    def _on_doorbell_frame(self, stream: _Stream, frame: Any) -> None:
+        if not self._receive(frame, stream, stream.doorbell.send):
+            stream.doorbell.close()  # ends the stream with the violation
+
+    @staticmethod
+    def _doorbell_closed(stream: _Stream, reason: str, violation: bool) -> None:
+        """The doorbell is the stream: when it goes, the stream ends (refused, when the
+        peer broke the protocol on it)."""
+        if violation and stream.violation is None:
+            stream.violation = reason
+        stream.replies.put_nowait(_END)
+
     def _answer_cuda(self, offer: Any, assembler: FrameAssembler) -> str:
         """Opens the caller's CUDA probe (wire/cuda_ipc.py); on success the stream takes
         payloads by handle. Returns why not ("" when accepted)."""
@@ -232,24 +311,24 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                   level=logging.INFO, method=offer.method, reason=reason or "-")
         return reason
 
-    async def _expire(self, assembler: FrameAssembler, replies: asyncio.Queue) -> None:
+    async def _expire(self, stream: _Stream) -> None:
         """Fails microbatches whose bytes stopped arriving, so they free their buffers."""
         while True:
             await asyncio.sleep(min(5.0, self.idle_timeout / 2))
-            for mb_id in assembler.expire(self.idle_timeout):
-                self._reply_error(replies, mb_id, ServiceError(
+            for mb_id in stream.assembler.expire(self.idle_timeout):
+                self._reply_error(stream.reply, mb_id, ServiceError(
                     StatusCode.DEADLINE_EXCEEDED, f"microbatch {mb_id}: no payload bytes for "
                                                  f"{self.idle_timeout:g} s; its buffer was freed"))
 
-    async def _handle(self, microbatch: Microbatch, assembler: FrameAssembler,
-                      replies: asyncio.Queue, stream: object, origin: int) -> None:
+    async def _handle(self, microbatch: Microbatch, stream: _Stream, origin: int,
+                      reply: Callable[[Any], None]) -> None:
         started = time.perf_counter()
         request_ids = list(microbatch.first_frame.request_ids)
         metrics.wire_bytes("rx", "upstream").inc(microbatch.first_frame.payload_bytes)
         metrics.IN_FLIGHT.inc()
         try:
             async with self._origin_window().hold(origin):
-                frames = await self._answer(microbatch, request_ids, stream, origin, assembler)
+                frames = await self._answer(microbatch, request_ids, stream, origin)
             outcome = "ok"
         except ServiceError as error:
             frames, outcome = [self._error_frame(microbatch.id, error)], error.code.value
@@ -257,14 +336,14 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                       request_ids=request_ids, code=error.code.value, message=error.message)
         finally:
             metrics.IN_FLIGHT.dec()
-            assembler.release(microbatch.id)
+            stream.assembler.release(microbatch.id)
         metrics.microbatches(self.name, outcome).inc()
         metrics.MICROBATCH_SECONDS.observe(time.perf_counter() - started)
         for frame in frames:
-            replies.put_nowait(frame)
+            reply(frame)
 
     async def _answer(self, microbatch: Microbatch, request_ids: list[str],
-                      stream: object, origin: int, assembler: FrameAssembler) -> list[Any]:
+                      stream: _Stream, origin: int) -> list[Any]:
         """Validate, compute, forward: the frames of the reply (ServiceError on failure)."""
         try:
             inputs = self.runner.validate(microbatch.tensors)
@@ -277,7 +356,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         try:
             # Outputs stay on the device when the next hop takes them by handle.
             on_device = self.next_hop is not None and self.next_hop.hands_over
-            async with self.gate.turn(stream, origin):
+            async with self.gate.turn(stream.turn, origin):
                 outputs, seconds = await self.runner.submit(inputs, on_device)
         except Exception as error:  # a bug or a device failure: report, keep serving
             log_event("compute_failed", level=logging.ERROR, error=repr(error))
@@ -285,7 +364,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         metrics.COMPUTE_SECONDS.observe(seconds)
         # The input is spent: free its bytes now, not after the rest of the chain answers.
         microbatch.tensors, inputs = {}, None
-        assembler.release_bytes(microbatch.id)
+        stream.assembler.release_bytes(microbatch.id)
         compute_seconds = [seconds]
         if self.next_hop is not None:
             reply, later = await self.next_hop.call(outputs, request_ids, origin)
@@ -295,11 +374,11 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         metrics.wire_bytes("tx", "upstream").inc(frames[0].payload_bytes)
         return frames
 
-    def _reply_error(self, replies: asyncio.Queue, mb_id: int, error: ServiceError) -> None:
+    def _reply_error(self, reply: Callable[[Any], None], mb_id: int, error: ServiceError) -> None:
         log_event("microbatch_rejected", level=logging.WARNING, microbatch_id=mb_id,
                   code=error.code.value, message=error.message)
         metrics.microbatches(self.name, error.code.value).inc()
-        replies.put_nowait(self._error_frame(mb_id, error))
+        reply(self._error_frame(mb_id, error))
 
     @staticmethod
     def _error_frame(mb_id: int, error: ServiceError) -> stage_pb2.ForwardResponse:

@@ -55,24 +55,30 @@ class CudaAnswer(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ShmOffer(_message.Message):
-    __slots__ = ("segment", "token", "slot_bytes", "slots")
+    __slots__ = ("segment", "token", "slot_bytes", "slots", "doorbell")
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    DOORBELL_FIELD_NUMBER: _ClassVar[int]
     segment: str
     token: bytes
     slot_bytes: int
     slots: int
-    def __init__(self, segment: _Optional[str] = ..., token: _Optional[bytes] = ..., slot_bytes: _Optional[int] = ..., slots: _Optional[int] = ...) -> None: ...
+    doorbell: bool
+    def __init__(self, segment: _Optional[str] = ..., token: _Optional[bytes] = ..., slot_bytes: _Optional[int] = ..., slots: _Optional[int] = ..., doorbell: _Optional[bool] = ...) -> None: ...
 
 class ShmAnswer(_message.Message):
-    __slots__ = ("accepted", "reason")
+    __slots__ = ("accepted", "reason", "doorbell", "doorbell_token")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DOORBELL_FIELD_NUMBER: _ClassVar[int]
+    DOORBELL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    doorbell: str
+    doorbell_token: bytes
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., doorbell: _Optional[str] = ..., doorbell_token: _Optional[bytes] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("microbatch_id", "tensors", "offset", "chunk", "error", "compute_seconds", "payload_bytes", "shm_answer", "shm_released_slot", "cuda_answer")
