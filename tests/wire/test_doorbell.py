@@ -9,10 +9,10 @@ import struct
 
 import pytest
 import torch
-from ditserve_client.proto.dit.v1 import stage_pb2
-from ditserve.wire import lean_frames, parse_request
 from ditserve.wire import doorbell as doorbell_module
+from ditserve.wire import lean_frames, parse_request
 from ditserve.wire.doorbell import Doorbell, DoorbellError, DoorbellListener, connect
+from ditserve_client.proto.dit.v1 import stage_pb2
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets")
 
@@ -83,7 +83,7 @@ def test_a_malformed_or_oversized_frame_is_a_violation():
                              (struct.pack("<I", MAX_FRAME + 1), "exceeds")):
             pair = await _Pair().open()
             pair.sender.sock.sendall(payload)
-            await pair.wait(lambda: pair.closed)
+            await pair.wait(lambda pair=pair: pair.closed)
             reason, violation = pair.closed[0]
             assert why in reason and violation
             assert pair.receiver.closed
