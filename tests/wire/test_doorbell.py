@@ -36,9 +36,12 @@ class _Pair:
                                  self.received.append,
                                  lambda reason, bad: self.closed.append((reason, bad)),
                                  MAX_FRAME)
+        opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self.sender = Doorbell(sock, parse_request, lambda frame: None,
                                lambda reason, bad: self.sender_closed.append((reason, bad)),
-                               MAX_FRAME)
+                               MAX_FRAME, on_open=lambda: opened.set_result(True))
+        await asyncio.wait_for(opened, 5)  # the receiver acknowledged the token
+        assert self.sender.open
         return self
 
     async def wait(self, predicate, timeout: float = 5.0) -> None:
@@ -51,6 +54,18 @@ class _Pair:
         self.sender.close()
         self.receiver.close()
         self.listener.close()
+
+
+async def _closed_by_listener(sock: socket.socket) -> bool:
+    """Whether the listener closed the connection (EOF, or a reset when it closed with the
+    token unread) without acknowledging anything."""
+    sock.setblocking(False)
+    try:
+        return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 1), 2) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.close()
 
 
 def test_frames_arrive_whole_and_in_order_small_and_chunked():
@@ -99,15 +114,7 @@ def test_only_a_live_token_attaches_and_strangers_are_dropped(monkeypatch):
         listener = DoorbellListener()
         attached: list[socket.socket] = []
         token = listener.expect(attached.append)
-        loop = asyncio.get_running_loop()
-
-        async def dropped(sock: socket.socket) -> bool:  # the listener closed it
-            sock.setblocking(False)
-            try:
-                return await asyncio.wait_for(loop.sock_recv(sock, 1), 2) == b""
-            finally:
-                sock.close()
-
+        dropped = _closed_by_listener
         stranger = connect(listener.name, b"x" * 16)  # a wrong token
         assert await dropped(stranger)
         silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -119,12 +126,45 @@ def test_only_a_live_token_attaches_and_strangers_are_dropped(monkeypatch):
         assert attached == []
         token = listener.expect(attached.append)
         good = connect(listener.name, token)
-        await asyncio.sleep(0.1)
-        assert len(attached) == 1
+        ack = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(good, 1), 5)
+        assert ack == doorbell_module.ACK and len(attached) == 1
         again = connect(listener.name, token)  # single use
         assert await dropped(again)
         good.close()
         attached[0].close()
+        listener.close()
+
+    asyncio.run(run())
+
+
+def test_the_senders_end_opens_only_on_the_receivers_ack():
+    """A doorbell refused before its ACK is closed without ever having been open, so the
+    stream keeps its frames on gRPC (stage/client.py) instead of losing them."""
+    async def run():
+        listener = DoorbellListener()
+        closed: asyncio.Future = asyncio.get_running_loop().create_future()
+        bell = Doorbell(connect(listener.name, b"y" * 16), parse_request, lambda frame: None,
+                        lambda reason, bad: closed.set_result(reason), MAX_FRAME,
+                        on_open=lambda: pytest.fail("opened without an ACK"))
+        assert not bell.open
+        assert await asyncio.wait_for(closed, 5) == "doorbell closed by the peer"
+        assert not bell.open
+        listener.close()
+
+    asyncio.run(run())
+
+
+def test_another_user_cannot_even_wait_at_the_door(monkeypatch):
+    """SO_PEERCRED: a connection from another uid is closed before it may present a token
+    (and before it counts against MAX_UNATTACHED)."""
+    monkeypatch.setattr(doorbell_module.os, "geteuid", lambda: 4242)  # "we" are someone else
+
+    async def run():
+        listener = DoorbellListener()
+        attached: list = []
+        token = listener.expect(attached.append)
+        assert await _closed_by_listener(connect(listener.name, token))
+        assert attached == [] and not listener._hello
         listener.close()
 
     asyncio.run(run())

@@ -178,7 +178,8 @@ class StageClient:
                 self._slot_of[mb_id] = slot.number
         future = asyncio.get_running_loop().create_future()
         self._inflight[mb_id] = future
-        send = self._bell.send if self._bell is not None else queue.put_nowait
+        bell = self._bell
+        send = bell.send if bell is not None and bell.open else queue.put_nowait
         for frame in frames:
             send(frame)
         _wire_bytes("tx", self.peer).inc(frames[0].payload_bytes)
@@ -331,11 +332,16 @@ class StageClient:
             return
         self._bell = Doorbell(sock, parse_response,
                               lambda frame: self._on_frame(frame, self._replies),
-                              self._on_bell_closed, MAX_MESSAGE_BYTES)
+                              self._on_bell_closed, MAX_MESSAGE_BYTES,
+                              on_open=lambda: log_event("doorbell_open", peer=self.peer))
 
     def _on_bell_closed(self, reason: str, violation: bool) -> None:
-        """The doorbell broke: the stream is broken (_stream ends it and reconnects)."""
-        if reason and self._bell_lost is not None and not self._bell_lost.done():
+        """A doorbell refused before its ACK carried nothing: the frames stay on gRPC. One
+        that broke after it did: the stream is broken (_stream ends it and reconnects)."""
+        bell, self._bell = self._bell, None
+        if bell is not None and not bell.open:
+            log_event("doorbell_unavailable", level=30, peer=self.peer, reason=reason)
+        elif reason and self._bell_lost is not None and not self._bell_lost.done():
             self._bell_lost.set_result(reason)
 
     def _settle_path(self, path: DataPath, reason: str) -> None:

@@ -77,7 +77,7 @@ def check_spec(name: str, datatype: str, shape: Sequence[int]) -> int:
                         f"known: {', '.join(DTYPES)}")
     if len(shape) > MAX_RANK:
         raise WireError(f"tensor {name!r}: rank {len(shape)} exceeds {MAX_RANK}")
-    if any(d < 0 for d in shape):
+    if min(shape, default=0) < 0:
         raise WireError(f"tensor {name!r}: negative dimension in shape {list(shape)}")
     return math.prod(shape) * ELEMENT_SIZES[datatype]
 
@@ -99,14 +99,17 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable",
 
 
 def decode_tensor(datatype: str, shape: Sequence[int], data: bytes | bytearray | memoryview,
-                  name: str = "tensor", read_only_ok: bool = False) -> torch.Tensor:
+                  name: str = "tensor", read_only_ok: bool = False,
+                  nbytes: int | None = None) -> torch.Tensor:
     """A tensor viewing `data` (no copy when the data is aligned, one copy otherwise).
 
     The tensor shares memory with `data`: keep it alive and do not reuse the buffer.
     `read_only_ok`: view read-only data (a received message's bytes) in place too, for a
     receiver that never writes its inputs (a stage: the model's ops are out of place);
-    otherwise read-only data is copied once."""
-    nbytes = check_spec(name, datatype, shape)
+    otherwise read-only data is copied once. `nbytes`: check_spec's answer for this spec,
+    when the caller has it already."""
+    if nbytes is None:
+        nbytes = check_spec(name, datatype, shape)
     view = memoryview(data).cast("B")
     if view.nbytes != nbytes:
         raise WireError(f"tensor {name!r}: {view.nbytes} bytes, but {datatype} "

@@ -11,9 +11,11 @@ negotiated, the two ends also open a doorbell:
   "\\0ditserve-bell-<pid>-<random>" (abstract: no file to leave behind when killed). With its
   ShmAnswer it sends that name and a fresh random token for this stream.
 - The sender connects and writes the token; the receiver attaches the connection to the
-  stream that issued the token (single use; a connection that does not present a live
-  token within DOORBELL_HELLO_S is closed). The token only ever travelled on the
-  authenticated gRPC stream, so no other local process can attach.
+  stream that issued the token (single use) and writes one byte, ACK. Only then does the
+  sender move its frames there: a doorbell refused or closed before the ACK costs nothing
+  but speed. A connection from another user (SO_PEERCRED; the ring is 0600 already), or
+  one that does not present a live token within DOORBELL_HELLO_S, is closed. The token only
+  ever travelled on the authenticated gRPC stream, so no other local process can attach.
 - From then on every frame of the stream, both ways, goes over the doorbell as the same
   protobuf message (ForwardRequest / ForwardResponse, the lean serialisation of wire/lean.py)
   behind a 4-byte little-endian length; the gRPC stream stays open as the stream's
@@ -48,7 +50,10 @@ DOORBELL_HELLO_S = 5.0
 """How long a new connection has to present its stream's token."""
 MAX_UNATTACHED = 64
 """Connections waiting to present a token at once; more are closed at once."""
+ACK = b"\x01"
+"""The receiver's first byte on an attached doorbell."""
 _LENGTH = struct.Struct("<I")
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 RECV_BYTES = 256 << 10
 """Bytes asked of the socket per read: many frames, or a good part of a chunk."""
 
@@ -64,13 +69,16 @@ class Doorbell:
     `on_frame(frame)` gets each parsed frame; `on_close(reason, violation)` is called once,
     when the peer closes, a read or write fails, a frame is malformed (`violation`: the
     peer broke the protocol), or `close()` is called (then with reason ""). Frames sent
-    after the close are dropped: the stream is ending."""
+    after the close are dropped: the stream is ending. The sender's end (`on_open` given)
+    is `open` once the receiver's ACK came, and `on_open()` is called then."""
 
     def __init__(self, sock: socket.socket, parse: Callable[[Any], Any],
                  on_frame: Callable[[Any], None], on_close: Callable[[str, bool], None],
-                 max_frame_bytes: int):
+                 max_frame_bytes: int, on_open: Callable[[], None] | None = None):
         sock.setblocking(False)
         self.sock = sock
+        self.open = on_open is None  # the receiver's end is open when attached
+        self._on_open = on_open
         self._parse, self._on_frame, self._on_close = parse, on_frame, on_close
         self._max = max_frame_bytes
         self._loop = asyncio.get_running_loop()
@@ -140,6 +148,12 @@ class Doorbell:
         if not data:
             self._fail("doorbell closed by the peer")
             return
+        if not self.open:  # the sender's end: the receiver's ACK comes first
+            if data[:1] != ACK:
+                self._fail("the doorbell did not acknowledge its token", True)
+                return
+            self.open, data = True, data[1:]
+            self._on_open()
         self._buffer += data
         self._frames_from_buffer()
 
@@ -203,14 +217,16 @@ class Doorbell:
 
 
 def connect(name: str, token: bytes) -> socket.socket:
-    """The sender's end: connects to the receiver's doorbell `name` and presents `token`."""
+    """The sender's end: connects to the receiver's doorbell `name` and presents `token`
+    (without blocking: a listener whose backlog is full is unavailable)."""
     if not NAME.fullmatch(name) or len(token) != TOKEN_BYTES:
         raise DoorbellError(f"doorbell {name!r} is not a ditserve doorbell")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(1.0)  # an abstract socket connects at once unless its backlog is full
+        sock.setblocking(False)
         sock.connect("\0" + name)
-        sock.sendall(token)
+        if sock.send(token) != TOKEN_BYTES:  # a fresh socket's buffer takes 16 bytes
+            raise BlockingIOError("token not sent")
     except OSError as error:
         sock.close()
         raise DoorbellError(f"cannot reach doorbell {name}: {error.strerror or error} "
@@ -252,7 +268,7 @@ class DoorbellListener:
             sock, _ = self._sock.accept()
         except OSError:
             return
-        if len(self._hello) >= MAX_UNATTACHED:
+        if not _same_user(sock) or len(self._hello) >= MAX_UNATTACHED:
             sock.close()
             return
         sock.setblocking(False)
@@ -279,6 +295,11 @@ class DoorbellListener:
             self._drop(sock, "unknown token")
             return
         self._release(sock)
+        try:
+            sock.send(ACK)  # a fresh socket's buffer takes it
+        except OSError:
+            sock.close()
+            return
         attach(sock)
 
     def _release(self, sock: socket.socket) -> None:
@@ -299,3 +320,13 @@ class DoorbellListener:
             sock.close()
         self._expected.clear()
         self._sock.close()
+
+
+def _same_user(sock: socket.socket) -> bool:
+    """Whether the peer runs as this process's user (as the 0600 ring requires anyway)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return True  # not Linux: the token alone guards the doorbell
+    _, uid, _ = _CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, option,
+                                                    _CREDENTIALS.size))
+    return uid == os.geteuid()

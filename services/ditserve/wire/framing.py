@@ -188,9 +188,10 @@ class _Pending:
     """A microbatch whose chunks are still arriving: the chunks themselves, joined once
     when the last arrives (nothing is allocated up front from the announced size)."""
 
-    def __init__(self, frame: Any, total: int, now: float):
+    def __init__(self, frame: Any, sizes: list[int], now: float):
         self.first_frame = frame
-        self.total = total
+        self.sizes = sizes  # bytes of each tensor, in spec order
+        self.total = sum(sizes)
         self.chunks: list[bytes] = []
         self.received = 0
         self.last_progress = now
@@ -258,7 +259,8 @@ class FrameAssembler:
         if len(self._pending) + len(self._busy) >= self.max_in_flight:
             raise WireOverload(f"microbatch {mb_id}: more than {self.max_in_flight} "
                                "microbatches in flight on this stream")
-        total = sum(check_spec(s.name, s.datatype, s.shape) for s in frame.tensors)
+        sizes = [check_spec(s.name, s.datatype, s.shape) for s in frame.tensors]
+        total = sum(sizes)
         if total != frame.payload_bytes:
             raise WireError(f"microbatch {mb_id}: payload_bytes {frame.payload_bytes} but "
                             f"the tensors need {total} ({_describe(frame.tensors)})")
@@ -266,7 +268,7 @@ class FrameAssembler:
             raise WireError(f"microbatch {mb_id}: payload of {total} bytes exceeds the "
                             f"limit {self.max_payload_bytes}")
         self._failed.pop(mb_id, None)
-        self._pending[mb_id] = _Pending(frame, total, self._clock())
+        self._pending[mb_id] = _Pending(frame, sizes, self._clock())
 
     def _append(self, frame: Any) -> Microbatch | None:
         mb_id = frame.microbatch_id
@@ -359,11 +361,10 @@ class FrameAssembler:
                 offset += len(chunk)
             pending.chunks.clear()
         view, start, tensors = memoryview(buffer), 0, {}
-        for spec in pending.first_frame.tensors:
-            size = check_spec(spec.name, spec.datatype, spec.shape)
+        for spec, size in zip(pending.first_frame.tensors, pending.sizes, strict=True):
             tensors[spec.name] = decode_tensor(spec.datatype, spec.shape,
                                                view[start:start + size], spec.name,
-                                               read_only_ok=in_place)
+                                               read_only_ok=in_place, nbytes=size)
             start += size
         return Microbatch(mb_id, tensors, pending.first_frame)
 
