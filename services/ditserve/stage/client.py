@@ -17,6 +17,8 @@ stage 0 (through `chain.remote.RemoteChain`):
   (wire/cuda_ipc.py); `negotiated` says which path won (cuda_ipc, shm or grpc), a
   `data_path` log line and the dit_data_path_streams gauge say why. A microbatch that
   cannot take the stream's path (a full ledger or ring) goes by the next one down.
+  With a ring, the frames themselves move to the peer's doorbell once it acknowledged
+  this stream's token (wire/doorbell.py); its breaking breaks the stream like gRPC's.
 
 References: Triton's gRPC streaming inference (in-stream per-request errors), grpc
 Python aio bidi streaming examples.

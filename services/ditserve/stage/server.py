@@ -93,6 +93,7 @@ async def serve(options: StageOptions) -> None:
                                handoff=handoff)
         lifecycle.on_shutdown(next_hop.close)
     servicer = StageServicer(None, next_hop, handoff=handoff)
+    lifecycle.on_shutdown(servicer.close)
     add_to_server(servicer, lifecycle.server)
     await lifecycle.start()  # health answers NOT_SERVING while the weights load
     runner = await asyncio.to_thread(_load, options)

@@ -161,6 +161,13 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         if stream.assembler.slots is not None:
             stream.assembler.slots.close()  # the ring was unlinked when mapped: now it is gone
 
+    async def close(self) -> None:
+        """The server stops: its doorbell stops listening (attached ones end with their
+        streams)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
     def _origin_window(self) -> OriginWindow:
         # One origin may keep a microbatch at this stage and at each one after it (what the
         # coordinator keeps in flight), plus one arriving: more would only queue downstream.

@@ -12,6 +12,8 @@ its error) frees the slot, after which the sender may reuse it. (`shm_released_s
 frame that frees a slot early, is still understood by the sender; receivers no longer send
 it: a frame of its own per microbatch cost more than it saved.) A sender writes a slot
 only while it is free, so the receiver's view never changes under it.
+Once the ring is accepted, the stream's frames themselves usually leave HTTP/2 for the
+receiver's doorbell, a Unix socket beside the ring (wire/doorbell.py).
 
 Crash safety: the name exists only between the offer and the receiver's mapping (the
 sender unlinks it too when the answer is a refusal, or the stream ends first); after
