@@ -1,11 +1,12 @@
 """A shared-memory stream's frames off HTTP/2: the doorbell, a Unix socket beside the ring.
 
 With the payload in a ring slot (wire/shm.py), a microbatch's frame is ~200 bytes, and
-carrying it on the gRPC stream cost more than everything else in a same-host hop: a
+carrying it on the gRPC stream cost more than anything else in a same-host hop: a
 grpc.aio message leg is ~150-190 us here (grpc core, its poller thread, the event loop's
-wake-up, the stream's reader and writer turns), a Unix stream socket read by the event
-loop itself ~20-30 us (docs/ARCHITECTURE.md §5; BENCHMARKS.md §12e). So once the ring is
-negotiated, the two ends also open a doorbell:
+wake-up, the stream's reader and writer turns), while a whole round trip over a Unix
+socket read by the event loop itself, slot copy and NaN check included, is ~0.21 ms
+(BENCHMARKS.md §12d, §12e). So once the ring is negotiated, the two ends also open a
+doorbell:
 
 - The receiver (a stage) listens on ONE abstract Unix socket per process,
   "\\0ditserve-bell-<pid>-<random>" (abstract: no file to leave behind when killed). With its
