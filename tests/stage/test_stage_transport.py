@@ -159,12 +159,18 @@ def test_frames_on_the_doorbell_or_on_the_stream_give_the_same_bytes(chains):
 
     async def out(address: str, transport: str, doorbell: bool) -> torch.Tensor:
         client = StageClient(address, peer="stage-0", transport=transport, doorbell=doorbell)
+        expect_bell = doorbell and transport == "shm"
         try:
             await client.wait_connected(30)
+            await client.call([("x", x), ("t", t), ("y", y)])
+            deadline = asyncio.get_running_loop().time() + 10
+            while expect_bell and not (client._bell is not None and client._bell.open):
+                assert asyncio.get_running_loop().time() < deadline, "the doorbell never opened"
+                await asyncio.sleep(0.01)  # its ACK may come after the first reply
             replies = await asyncio.gather(*(client.call([("x", x), ("t", t), ("y", y)])
                                              for _ in range(3)))
             bell = client._bell
-            assert (bell is not None and bell.open) == (doorbell and transport == "shm")
+            assert (bell is not None and bell.open) == expect_bell
             assert all(torch.equal(r["out"], replies[0][0]["out"]) for r, _ in replies)
             return replies[0][0]["out"]
         finally:
