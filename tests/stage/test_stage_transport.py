@@ -193,9 +193,12 @@ def test_a_malformed_frame_on_the_doorbell_ends_only_that_stream(chains):
         try:
             await client.wait_connected(30)
             await client.call([("x", x), ("t", t), ("y", y)])
+            deadline = asyncio.get_running_loop().time() + 10
+            while not (client._bell is not None and client._bell.open):
+                assert asyncio.get_running_loop().time() < deadline, "the doorbell never opened"
+                await asyncio.sleep(0.01)
             bell = client._bell
             bell.sock.sendall(b"\x03\x00\x00\x00\xff\xff\xff")  # a length, then not protobuf
-            deadline = asyncio.get_running_loop().time() + 10
             while client._bell is bell:  # the stage closed it: the stream ends and heals
                 assert asyncio.get_running_loop().time() < deadline
                 await asyncio.sleep(0.01)
