@@ -50,7 +50,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                        help="PEM root certificates for --tls (default: the system's)")
     group.add_argument("--token", default=None,
                        help="bearer token sent with every call (default: $DITSERVE_TOKEN, "
-                            "which keeps it out of the process list)")
+                            "which keeps it out of the process list; a token that starts "
+                            "with '-' goes as --token=VALUE)")
 
 
 def connect(args: argparse.Namespace) -> Client:

@@ -206,3 +206,11 @@ def test_plaintext_off_loopback_needs_an_explicit_flag(caplog):
     (":1", False)])
 def test_what_counts_as_loopback(address, loopback):
     assert is_loopback(address) is loopback
+
+
+def test_new_tokens_never_start_with_a_dash():
+    """`--token -abc` is a missing value to argparse: one token in 64 used to start so (2000
+    draws without one, by chance: (63/64)^2000 ~ 2e-14)."""
+    tokens = [new_token() for _ in range(2000)]
+    assert not any(token.startswith("-") for token in tokens)
+    assert len(set(tokens)) == len(tokens) and all(len(token) == 43 for token in tokens)
