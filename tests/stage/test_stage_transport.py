@@ -47,6 +47,14 @@ async def _forward(address: str, calls: int = 3) -> list[torch.Tensor]:
         await chain.close()
 
 
+async def _doorbell_open(client: StageClient, timeout: float = 10) -> None:
+    """Waits until the client's doorbell took its ACK (frames then go that way)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (client._bell is not None and client._bell.open):
+        assert asyncio.get_running_loop().time() < deadline, "the doorbell never opened"
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
 def chains(launcher, tiny_checkpoint):
     auto = launcher.start_chain(tiny_checkpoint, 3, "bf16", extra=["--transport", "auto"])
@@ -163,10 +171,8 @@ def test_frames_on_the_doorbell_or_on_the_stream_give_the_same_bytes(chains):
         try:
             await client.wait_connected(30)
             await client.call([("x", x), ("t", t), ("y", y)])
-            deadline = asyncio.get_running_loop().time() + 10
-            while expect_bell and not (client._bell is not None and client._bell.open):
-                assert asyncio.get_running_loop().time() < deadline, "the doorbell never opened"
-                await asyncio.sleep(0.01)  # its ACK may come after the first reply
+            if expect_bell:
+                await _doorbell_open(client)  # its ACK may come after the first reply
             replies = await asyncio.gather(*(client.call([("x", x), ("t", t), ("y", y)])
                                              for _ in range(3)))
             bell = client._bell
@@ -193,10 +199,8 @@ def test_a_malformed_frame_on_the_doorbell_ends_only_that_stream(chains):
         try:
             await client.wait_connected(30)
             await client.call([("x", x), ("t", t), ("y", y)])
+            await _doorbell_open(client)
             deadline = asyncio.get_running_loop().time() + 10
-            while not (client._bell is not None and client._bell.open):
-                assert asyncio.get_running_loop().time() < deadline, "the doorbell never opened"
-                await asyncio.sleep(0.01)
             bell = client._bell
             bell.sock.sendall(b"\x03\x00\x00\x00\xff\xff\xff")  # a length, then not protobuf
             while client._bell is bell:  # the stage closed it: the stream ends and heals
