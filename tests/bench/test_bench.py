@@ -67,7 +67,8 @@ def test_wire_bytes_match_theory_plus_conditioning(results):
 
 
 def test_transport_compares_raw_grpc_each_transport_and_memcpy(results):
-    rows = results[0]["transport"]["summary"]  # quick: DiT-S/2, 1 row, 2 stages
+    everything = results[0]["transport"]["summary"]  # quick: DiT-S/2, 1 row, 2 stages
+    rows = [r for r in everything if not r["path"].startswith("ladder")]
     paths = {r["path"] for r in rows}
     assert paths == {"raw grpc.aio bytes", "raw grpc.aio 128-byte message", "ditserve grpc",
                      "ditserve shm", "memcpy (torch copy_)"}
@@ -80,6 +81,19 @@ def test_transport_compares_raw_grpc_each_transport_and_memcpy(results):
     assert shm[0]["negotiated"] == "shm"  # the probe proved the memory shared on one host
     grpc_rows = [r for r in rows if r["path"] == "ditserve grpc"]
     assert grpc_rows[0]["negotiated"] == "grpc" and all(r["vs_raw"] for r in grpc_rows)
+
+
+def test_transport_ladder_climbs_from_raw_to_the_stage_on_one_hop(results):
+    """Each rung ran (its calls were answered: a bare server that mis-framed its replies
+    would fail the StageClient's rung), one hop at one in flight, against its own raw."""
+    ladder = [r for r in results[0]["transport"]["summary"] if r["path"].startswith("ladder")]
+    assert [r["path"] for r in ladder] == [
+        "ladder 1: raw grpc.aio bytes", "ladder 2: lean frames, bare server",
+        "ladder 3: StageClient, bare server", "ladder 4: StageClient, relay stage"]
+    assert all(r["stages"] == 1 and r["in_flight"] == 1 and r["hop_ms"] > 0 for r in ladder)
+    assert ladder[0]["vs_raw"] == 1 and all(r["vs_raw"] > 0 for r in ladder)
+    samples = results[0]["transport"]["samples"]
+    assert len(samples["ladder 3: StageClient, bare server S=1 N=1 k=1"]["latencies_s"]) >= 3
 
 
 def test_load_reports_utilisation_per_stage_at_each_concurrency(results):

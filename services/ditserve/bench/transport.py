@@ -9,6 +9,13 @@ run: raw grpc.aio bidi streams of bytes (no protobuf, no ditserve; 1 MiB message
 tiny ack per microbatch) through a chain of as many bare relay processes, and a memcpy of
 the same bytes.
 
+The ladder (`ladder`, one hop, 1 in flight) climbs from the raw stream to the stage one
+layer at a time, each rung measured back to back on its own processes: raw bytes; the
+Forward method's lean frames (wire/lean.py: encoded per call, the reply parsed) to a bare
+server that only parses each frame and answers it; the StageClient to that bare server;
+the StageClient to a relay stage. What each rung adds over the one below is what that
+layer costs a hop.
+
 Per hop:
 - added latency = round trip at 1 in flight / S (an S-stage relay chain is S hops that
   carry h: bench → stage 0 → … → stage S−1; the reply is the small c);
@@ -24,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,6 +84,9 @@ class Settings:
     """Fewest microbatches per cell, whatever their size."""
     threads: int = 1
     """torch threads of every process."""
+    ladder: bool = True
+    """Also climb the ladder from the raw stream to the stage (one hop, 1 in flight, each
+    of `rows`): see the module docstring."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -150,7 +163,8 @@ async def _warm_up(call, timeout: float = START_TIMEOUT_S) -> None:
 
 
 async def _ditserve_cells(s: Settings, address: str, transport: str, stages: int,
-                          tokens: int, width: int) -> list[dict]:
+                          tokens: int, width: int, in_flight: tuple[int, ...] | None = None,
+                          ) -> list[dict]:
     from ditserve.stage.client import StageClient
 
     client = StageClient(address, peer="bench", transport=transport)
@@ -160,7 +174,7 @@ async def _ditserve_cells(s: Settings, address: str, transport: str, stages: int
         for n in s.rows:
             h = torch.randn(n, tokens, width).bfloat16()
             c = torch.randn(n, width).bfloat16()
-            for k in s.in_flight:
+            for k in in_flight or s.in_flight:
                 nbytes = h.numel() * 2
                 latencies, wall = await _drive(lambda h=h, c=c: client.call([("h", h), ("c", c)]),
                                                _calls(s, nbytes), k)
@@ -244,8 +258,9 @@ FRAME_BYTES = 128
 """A shared-memory microbatch's frame on the stream: specs and the slot, ~100 bytes."""
 
 
-async def _raw_cells(s: Settings, address: str, stages: int, tokens: int,
-                     width: int) -> list[dict]:
+async def _raw_cells(s: Settings, address: str, stages: int, tokens: int, width: int,
+                     in_flight: tuple[int, ...] | None = None, floor: bool = True,
+                     ) -> list[dict]:
     import grpc
 
     from ditserve.common.grpc_options import channel_options
@@ -255,10 +270,12 @@ async def _raw_cells(s: Settings, address: str, stages: int, tokens: int,
         await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT_S)
         for n in s.rows:
             nbytes = n * tokens * width * 2
-            for k in s.in_flight:
+            for k in in_flight or s.in_flight:
                 latencies, wall = await _raw_stream(channel, nbytes, _calls(s, nbytes), k)
                 cells.append(_cell("raw grpc.aio bytes", stages, n, k, nbytes, latencies, wall,
                                    stages))
+        if not floor:
+            return cells
         # The floor of any path that sends a message per microbatch (shm sends its frame).
         latencies, wall = await _raw_stream(channel, FRAME_BYTES, _calls(s, 1 << 20), 1)
         floor = _cell(f"raw grpc.aio {FRAME_BYTES}-byte message", stages, 0, 1, FRAME_BYTES,
@@ -293,6 +310,120 @@ async def _raw_stream(channel, nbytes: int, calls: int, in_flight: int
     return latencies, wall
 
 
+# -- the ladder: from the raw stream to the stage, one layer at a time --
+
+LADDER = ("ladder 1: raw grpc.aio bytes", "ladder 2: lean frames, bare server",
+          "ladder 3: StageClient, bare server", "ladder 4: StageClient, relay stage")
+
+
+async def _bare_server(address: str) -> None:
+    """A Forward server that only parses each frame (wire/lean.py) and, at a microbatch's
+    last byte, answers it with an `out` shaped like its last tensor (c: N × D), from a
+    buffer kept for the purpose: the lean framing's floor, without the servicer."""
+    import grpc
+    from ditserve_client.proto.dit.v1 import stage_pb2
+
+    from ditserve.common.grpc_options import server_options
+    from ditserve.wire import LeanFrame, parse_request, serialize
+    from ditserve.wire.codec import ELEMENT_SIZES
+
+    zeros = memoryview(bytes(1 << 20))
+
+    async def forward(requests, context):
+        await context.send_initial_metadata(())
+        left: dict[int, tuple[int, Any]] = {}  # microbatch → (bytes still due, last spec)
+        async for frame in requests:
+            due, last = left.pop(frame.microbatch_id, (frame.payload_bytes, None))
+            last = frame.tensors[-1] if frame.tensors else last
+            due -= len(frame.chunk)
+            if due > 0:
+                left[frame.microbatch_id] = (due, last)
+                continue
+            size = math.prod(last.shape) * ELEMENT_SIZES[last.datatype]
+            yield LeanFrame(stage_pb2.ForwardResponse(
+                microbatch_id=frame.microbatch_id, payload_bytes=size,
+                tensors=[{"name": "out", "datatype": last.datatype, "shape": last.shape}]),
+                [zeros[:size]])
+
+    server = grpc.aio.server(options=server_options())
+    handler = grpc.stream_stream_rpc_method_handler(
+        forward, request_deserializer=parse_request, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "dit.v1.StageService", {"Forward": handler}),))
+    server.add_insecure_port(address)
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def _lean_cells(s: Settings, address: str, tokens: int, width: int) -> list[dict]:
+    """Rung 2: lean frames encoded per call on one stream (`call.write`, then `read`: no
+    client machinery), each reply parsed."""
+    import grpc
+    from ditserve_client.proto.dit.v1 import stage_pb2
+
+    from ditserve.common.grpc_options import channel_options
+    from ditserve.stage.client import FORWARD_METHOD
+    from ditserve.wire import lean_frames, parse_response, serialize
+
+    cells = []
+    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+        await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT_S)
+        call = channel.stream_stream(FORWARD_METHOD, request_serializer=serialize,
+                                     response_deserializer=parse_response)()
+        ids = itertools.count(1)
+        for n in s.rows:
+            h = torch.randn(n, tokens, width).bfloat16()
+            c = torch.randn(n, width).bfloat16()
+
+            async def one(h=h, c=c) -> None:
+                for frame in lean_frames(stage_pb2.ForwardRequest, next(ids), [("h", h), ("c", c)]):
+                    await call.write(frame)
+                await call.read()
+
+            nbytes = h.numel() * 2
+            latencies, wall = await _drive(one, _calls(s, nbytes), 1)
+            cells.append(_cell(LADDER[1], 1, n, 1, nbytes, latencies, wall, hops=1))
+        await call.done_writing()
+    return cells
+
+
+def _ladder(s: Settings, folder: Path, tokens: int, width: int) -> list[dict]:
+    """The four rungs, one after another, each on processes of its own."""
+    cells = []
+    raw, address = _raw_chain(s, 1)
+    try:
+        cells += [{**c, "path": LADDER[0]} for c in asyncio.run(
+            _raw_cells(s, address, 1, tokens, width, in_flight=(1,), floor=False))]
+    finally:
+        _terminate(raw)
+    bare_address = f"127.0.0.1:{free_port()}"
+    bare = subprocess.Popen([sys.executable, "-m", "ditserve.bench.transport", "--bare",
+                             bare_address], env={**os.environ, **thread_env(s.threads)})
+    try:
+        cells += asyncio.run(_lean_cells(s, bare_address, tokens, width))
+        cells += [{**c, "path": LADDER[2]} for c in asyncio.run(_ditserve_cells(
+            s, bare_address, "grpc", 1, tokens, width, in_flight=(1,)))]
+    finally:
+        _terminate([bare])
+    chain = _relay_chain(s, 1, "grpc", folder)
+    try:
+        cells += [{**c, "path": LADDER[3]} for c in asyncio.run(_ditserve_cells(
+            s, chain[0].address, "grpc", 1, tokens, width, in_flight=(1,)))]
+    finally:
+        _stop(chain)
+    raw_of = {c["rows"]: c["gb_per_s"] for c in cells if c["path"] == LADDER[0]}
+    for cell in cells:
+        cell.pop("negotiated", None)
+        cell["vs_raw"] = round(cell["gb_per_s"] / raw_of[cell["rows"]], 2)
+    return cells
+
+
+def _terminate(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+
+
 def _memcpy_cells(s: Settings, tokens: int, width: int) -> list[dict]:
     cells = []
     for n in s.rows:
@@ -325,9 +456,7 @@ def run(s: Settings) -> Report:
             try:
                 cells += asyncio.run(_raw_cells(s, address, stages, tokens, width))
             finally:
-                for process in raw:
-                    process.terminate()
-                    process.wait(10)
+                _terminate(raw)
         for transport in s.transports:
             for stages in s.stage_counts:
                 chain = _relay_chain(s, stages, transport, Path(folder))
@@ -336,8 +465,10 @@ def run(s: Settings) -> Report:
                                                          stages, tokens, width))
                 finally:
                     _stop(chain)
+        ladder = _ladder(s, Path(folder), tokens, width) if s.ladder else []
     cells += _memcpy_cells(s, tokens, width)
     _ratios(cells)
+    cells += ladder
     samples = {f"{c['path']} S={c['stages']} N={c['rows']} k={c['in_flight']}":
                {"latencies_s": c.pop("latencies_s"), "wall_s": c.pop("wall_s", None)}
                for c in cells}
@@ -351,6 +482,11 @@ def run(s: Settings) -> Report:
              "arrives), one 1-byte ack per microbatch climbing back: S hops.",
              "vs raw = this row's GB/s / the raw chain's GB/s at the same S, rows and "
              "in-flight; measured in the same run, variants one after another."]
+    if s.ladder:
+        notes.append("Ladder rows (one hop, 1 in flight): raw bytes; lean frames written per "
+                     "call to a bare Forward server that only parses each frame and answers "
+                     "it; the StageClient to that bare server; the StageClient to a relay "
+                     "stage. vs raw = against the ladder's own raw rung, measured just before.")
     columns = [("path", "path"), ("stages", "S"), ("rows", "rows"), ("mib", "MiB of h"),
                ("in_flight", "in flight"), ("hop_ms", "added ms per hop"),
                ("gb_per_s", "GB/s per hop"), ("vs_raw", "vs raw")]
@@ -365,6 +501,9 @@ def _ratios(cells: list[dict]) -> None:
         cell["vs_raw"] = round(cell["gb_per_s"] / base, 2) if base and cell["gb_per_s"] else None
 
 
-if __name__ == "__main__":  # a raw server process: address [next address]
+if __name__ == "__main__":  # a raw server: address [next address]; or --bare address
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_raw_server(sys.argv[1], *sys.argv[2:3]))
+        if sys.argv[1] == "--bare":
+            asyncio.run(_bare_server(sys.argv[2]))
+        else:
+            asyncio.run(_raw_server(sys.argv[1], *sys.argv[2:3]))
