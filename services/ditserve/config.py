@@ -219,7 +219,9 @@ class PipelineConfig:
     the two share a host and an IPC namespace, which a probe proves when the stream
     opens; CUDA IPC when both compute on CUDA; else bytes over gRPC), "grpc" (always bytes
     over gRPC) or "shm" (shared memory or CUDA IPC required: microbatches fail
-    FAILED_PRECONDITION when the probe fails)."""
+    FAILED_PRECONDITION when the probe fails). The coordinator's hop to stage 0 takes
+    shared memory where the probe passes under auto and shm, else gRPC bytes; under grpc,
+    bytes."""
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     """The coordinator."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

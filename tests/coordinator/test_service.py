@@ -92,6 +92,36 @@ def test_generate_streams_accepted_progress_result(stub, tiny_model):
     assert_scaled_close(latents_of(events), expected, sampling_bound(4, 4.0), "2 stages vs 1 process")
 
 
+def test_the_coordinator_reaches_stage_0_through_shared_memory(stub, pipeline):
+    """One host and `transport: auto` (the default): the coordinator's hop to stage 0 takes
+    the ring and its doorbell, as the stages' hops do (the parity tests of this module run
+    over it; the stage's reply says it read the slot)."""
+    coordinator, stages = pipeline
+    generate(stub, request([1], seed=3))
+    log = coordinator.log()
+    assert "event=data_path peer=stage-0 path=shm" in log
+    assert "event=shm_negotiated peer=stage-0" in log and "event=doorbell_open peer=stage-0" in log
+    assert "event=shm_refused" not in stages[0].log()
+
+
+@pytest.mark.parametrize(("transport", "taken"), [("auto", "auto"), ("shm", "auto"),
+                                                  ("grpc", "grpc")])
+def test_the_coordinators_hop_follows_the_pipeline_transport(transport, taken):
+    """`shm` requires shared memory between stages only: a coordinator on another host
+    still reaches stage 0 (auto); `grpc` keeps it to bytes."""
+    from ditserve.config import PipelineConfig, StageConfig
+    from ditserve.coordinator.server import CoordinatorOptions, build_chain
+
+    async def main() -> str:
+        config = PipelineConfig(stages=[StageConfig(address="127.0.0.1:1")],
+                                transport=transport)
+        chain = build_chain(CoordinatorOptions(config, "127.0.0.1:2", stage0="127.0.0.1:1"))
+        await chain.close()
+        return chain._client.transport
+
+    assert asyncio.run(main()) == taken
+
+
 def test_model_info_lists_the_chain_and_classes(stub):
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.latent_size == 8 and info.image_size == 64 and len(info.classes) == 10

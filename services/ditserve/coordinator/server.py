@@ -72,7 +72,10 @@ def build_chain(options: CoordinatorOptions) -> StageChain:
         return LocalChain.from_checkpoint(options.local_checkpoint, options.local_stages,
                                           options.config.wire_dtype,
                                           options.config.model.name)
-    return RemoteChain(options.stage0, dialer=_security(options).dialer())
+    # `transport: shm` requires shared memory between stages; the coordinator's hop takes
+    # it where it can (auto) rather than fail a coordinator that runs on another host.
+    transport = "grpc" if options.config.transport == "grpc" else "auto"
+    return RemoteChain(options.stage0, dialer=_security(options).dialer(), transport=transport)
 
 
 async def handshake(chain: StageChain, wire_dtype: str | None,
