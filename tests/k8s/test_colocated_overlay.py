@@ -18,9 +18,11 @@ import subprocess
 
 import pytest
 import yaml
+from ditserve.chain.remote import INPUT_SLOT_BYTES
 from ditserve.config import PipelineConfig, load_config
 from ditserve.model.configs import dit_config
 from ditserve.model.partition import parse_block_range
+from ditserve.wire.shm import DEFAULT_SLOTS
 
 from .test_manifests import (
     GPU,
@@ -108,9 +110,9 @@ def test_stages_share_a_bounded_memory_backed_dev_shm(config):
     assert not spec.get("hostIPC")  # the pod's own IPC namespace, shared by its containers
     (shm,) = [v for v in spec["volumes"] if v["name"] == "shm"]
     assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
-    for k in range(len(config.stages)):
-        mounts = {m["mountPath"]: m["name"] for m in container(f"stage-{k}")["volumeMounts"]}
-        assert mounts["/dev/shm"] == "shm"
+    for name in ["coordinator", *(f"stage-{k}" for k in range(len(config.stages)))]:
+        mounts = {m["mountPath"]: m["name"] for m in container(name)["volumeMounts"]}
+        assert mounts["/dev/shm"] == "shm", name  # one /dev/shm: the probe passes
 
 
 def test_containers_run_as_non_root_with_requests():
@@ -160,6 +162,7 @@ def test_the_shm_size_bounds_the_activations_in_flight(config):
     model = dit_config(config.model.name)
     per_microbatch = config.max_batch_size * model.num_tokens * model.hidden_size * 2
     hops = len(config.stages) - 1
-    assert int(limit[:-2]) * 2**30 >= hops * 2 * 4 * per_microbatch  # 2 in flight, 512 px
+    coordinators_ring = DEFAULT_SLOTS * INPUT_SLOT_BYTES
+    assert int(limit[:-2]) * 2**30 >= hops * 2 * 4 * per_microbatch + coordinators_ring
 
 
