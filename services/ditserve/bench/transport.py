@@ -327,7 +327,7 @@ async def _bare_server(address: str) -> None:
     from ditserve.wire import LeanFrame, parse_request, serialize
     from ditserve.wire.codec import ELEMENT_SIZES
 
-    zeros = memoryview(bytes(1 << 20))
+    zeros: dict[int, memoryview] = {}  # by size: one buffer per reply size
 
     async def forward(requests, context):
         await context.send_initial_metadata(())
@@ -343,7 +343,7 @@ async def _bare_server(address: str) -> None:
             yield LeanFrame(stage_pb2.ForwardResponse(
                 microbatch_id=frame.microbatch_id, payload_bytes=size,
                 tensors=[{"name": "out", "datatype": last.datatype, "shape": last.shape}]),
-                [zeros[:size]])
+                [zeros.setdefault(size, memoryview(bytes(size)))])
 
     server = grpc.aio.server(options=server_options())
     handler = grpc.stream_stream_rpc_method_handler(
