@@ -340,10 +340,12 @@ async def _bare_server(address: str) -> None:
                 left[frame.microbatch_id] = (due, last)
                 continue
             size = math.prod(last.shape) * ELEMENT_SIZES[last.datatype]
+            if size not in zeros:
+                zeros[size] = memoryview(bytes(size))
             yield LeanFrame(stage_pb2.ForwardResponse(
                 microbatch_id=frame.microbatch_id, payload_bytes=size,
                 tensors=[{"name": "out", "datatype": last.datatype, "shape": last.shape}]),
-                [zeros.setdefault(size, memoryview(bytes(size)))])
+                [zeros[size]])
 
     server = grpc.aio.server(options=server_options())
     handler = grpc.stream_stream_rpc_method_handler(
