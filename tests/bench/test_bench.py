@@ -118,6 +118,36 @@ def test_gpu_without_cuda_exits_2(tmp_path, capsys, monkeypatch):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_the_gpu_scenarios_monolith_runs_on_the_gpu_in_bf16(monkeypatch, tiny_model,
+                                                            tiny_checkpoint):
+    """`bench gpu` passes device="cuda": the monolith must be built there (from the
+    checkpoint, in the stages' bf16), not on the CPU float32 model it was given."""
+    import asyncio
+    from contextlib import AsyncExitStack
+
+    from ditserve.bench import chains
+
+    built = []
+    real = chains.TimedLocalChain.from_checkpoint.__func__
+
+    def from_checkpoint(cls, path, *args, device="cpu", dtype=torch.float32, **options):
+        built.append((str(path), device, dtype))  # built on the CPU here: no GPU to use
+        return real(cls, path, *args, **options)
+
+    monkeypatch.setattr(chains.TimedLocalChain, "from_checkpoint", classmethod(from_checkpoint))
+
+    async def monolith(device: str) -> chains.Variant:
+        async with AsyncExitStack() as stack:
+            [variant] = await chains.open_variants(stack, tiny_model, tiny_checkpoint, (), {},
+                                                   device)
+            return variant
+
+    assert asyncio.run(monolith("cuda")).name == "monolith"
+    assert built == [(str(tiny_checkpoint), "cuda", torch.bfloat16)]
+    asyncio.run(monolith("cpu"))  # the CPU scenarios keep the model they were given
+    assert len(built) == 1
+
+
 def test_models_flag_of_a_one_model_scenario_takes_one_model(tmp_path, capsys):
     assert main(["bench", "peer", "--quick", "--models", "DiT-S/2,DiT-B/2",
                  "--out-dir", str(tmp_path)]) == 2

@@ -50,15 +50,25 @@ class TimedLocalChain(LocalChain):
         return super()._run(tensors)
 
 
+def monolith_dtype(device: str) -> torch.dtype:
+    """The compute dtype of a stage on `device` (entrypoints/stage.py): bf16 on CUDA."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
 async def open_variants(stack: AsyncExitStack, model: DiT, checkpoint: Path,
                         stage_counts: Sequence[int], stage_threads: dict[int, int],
                         device: str = "cpu", wire_dtype: str = "bf16",
                         monolith_threads: Sequence[int] = ()) -> list[Variant]:
     """The monolith (one per thread count in `monolith_threads`, the first named plain
-    "monolith") plus one chain per stage count, all started and connected."""
+    "monolith") plus one chain per stage count, all started and connected. On a CUDA
+    `device` the monolith runs there too, in the stages' compute dtype (bf16), loaded
+    from `checkpoint`: `model` is the CPU float32 model the checkpoint was written from,
+    and a monolith on it would time the CPU against the stages' GPU."""
     variants = []
     for i, threads in enumerate(monolith_threads or [0]):
-        chain = TimedLocalChain.from_model(model, 1, "fp32")
+        chain = (TimedLocalChain.from_model(model, 1, "fp32") if device == "cpu" else
+                 TimedLocalChain.from_checkpoint(checkpoint, 1, "fp32", device=device,
+                                                 dtype=monolith_dtype(device)))
         chain.threads = threads
         stack.push_async_callback(chain.close)
         variants.append(Variant("monolith" if i == 0 else f"monolith, {threads} thread(s)", 1,
