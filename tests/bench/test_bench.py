@@ -148,6 +148,16 @@ def test_the_gpu_scenarios_monolith_runs_on_the_gpu_in_bf16(monkeypatch, tiny_mo
     assert len(built) == 1
 
 
+def test_ditserves_latents_decode_through_a_bf16_vae():
+    """On a GPU the peer scenario's VAE is bf16 (with diffusers' pipeline); ditserve's
+    latents arrive in float32 and must be cast to it, not fed to it as they are."""
+    from ditserve.bench.peer import decode, small_vae
+
+    vae = small_vae().to(torch.bfloat16)
+    images = decode(vae, torch.randn(1, 4, 4, 4))
+    assert images.shape == (1, 3, 32, 32) and images.dtype == torch.bfloat16
+
+
 def test_models_flag_of_a_one_model_scenario_takes_one_model(tmp_path, capsys):
     assert main(["bench", "peer", "--quick", "--models", "DiT-S/2,DiT-B/2",
                  "--out-dir", str(tmp_path)]) == 2

@@ -50,7 +50,7 @@ class TimedLocalChain(LocalChain):
         return super()._run(tensors)
 
 
-def monolith_dtype(device: str) -> torch.dtype:
+def stage_dtype(device: str) -> torch.dtype:
     """The compute dtype of a stage on `device` (entrypoints/stage.py): bf16 on CUDA."""
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
@@ -68,7 +68,7 @@ async def open_variants(stack: AsyncExitStack, model: DiT, checkpoint: Path,
     for i, threads in enumerate(monolith_threads or [0]):
         chain = (TimedLocalChain.from_model(model, 1, "fp32") if device == "cpu" else
                  TimedLocalChain.from_checkpoint(checkpoint, 1, "fp32", device=device,
-                                                 dtype=monolith_dtype(device)))
+                                                 dtype=stage_dtype(device)))
         chain.threads = threads
         stack.push_async_callback(chain.close)
         variants.append(Variant("monolith" if i == 0 else f"monolith, {threads} thread(s)", 1,

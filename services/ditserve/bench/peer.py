@@ -23,7 +23,7 @@ from ditserve.config import CoordinatorConfig
 from ditserve.coordinator.engine import Engine
 from ditserve.coordinator.spec import GenerationSpec
 
-from .chains import Variant, open_variants
+from .chains import Variant, open_variants, stage_dtype
 from .report import Report, spread
 from .weights import checkpoint, diffusers_transformer, random_model
 
@@ -81,8 +81,9 @@ def pipeline(model, vae, device: str = "cpu"):
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """What DiTPipeline does after its loop: (n, 4, L, L) → (n, 3, 8L, 8L) in [0, 1]."""
-    with torch.inference_mode():
-        samples = vae.decode(latents.to(vae.device) / vae.config.scaling_factor).sample
+    with torch.inference_mode():  # in the VAE's dtype: bf16 on a GPU (see _run)
+        samples = vae.decode(latents.to(vae.device, vae.dtype)
+                             / vae.config.scaling_factor).sample
     return (samples / 2 + 0.5).clamp(0, 1)
 
 
@@ -129,7 +130,9 @@ async def _timed(fn, *args) -> float:
 async def _run(s: Settings) -> Report:
     model = random_model(s.model, s.latent_size)
     vae = small_vae(s.device)
-    pipe = pipeline(model, vae, s.device)
+    # diffusers in the stages' compute dtype (bf16 on a GPU, the VAE with it), or the
+    # comparison would time fp32 kernels against ditserve's bf16 ones.
+    pipe = pipeline(model, vae, s.device).to(s.device, stage_dtype(s.device))
     with tempfile.TemporaryDirectory(prefix="ditserve-bench-") as folder:
         path = checkpoint(model, folder)
         async with AsyncExitStack() as stack:
