@@ -107,7 +107,7 @@ def test_each_variant_records_and_checks_the_path_its_hops_took():
     assert gpucheck.stream_path(log) == "cuda_ipc"  # the stream in use: the last one
     assert gpucheck.stream_path("event=next_hop_connected") is None
     assert gpucheck.expected_path("shm", "cuda") == "cuda_ipc"  # what a GPU run proves
-    assert gpucheck.expected_path("shm", "cpu") == "shm"
+    assert gpucheck.expected_path("shm", "cpu") == "cuda_ipc"  # the dry run: HANDOFF_CPU
     assert gpucheck.expected_path("grpc", "cuda:0") == "grpc"
     assert gpucheck.expected_path(None, "cuda") is None
 
@@ -138,3 +138,16 @@ def test_a_transport_whose_latents_differ_fails_its_variant(tmp_path, monkeypatc
     nan = torch.full_like(good, float("nan"))
     monkeypatch.setattr(gpucheck, "_pipeline", fake_pipeline({"grpc": good, "shm": nan}))
     assert not gpucheck.part_pipelines(s, tmp_path)["ok"]
+
+
+def test_the_dry_runs_shm_variant_takes_the_handoff_path_the_gpu_run_takes(tmp_path,
+                                                                            tiny_checkpoint):
+    """`transport: shm` must take cuda_ipc on either device: CUDA IPC handles between
+    CUDA stages, the same protocol over CPU shared memory between the dry run's CPU
+    stages, so `make test` runs the handoff code (probe, handles, ledger, outputs kept
+    on the device) that the GPU run depends on."""
+    for device, handoff in (("cpu", list(gpucheck.HANDOFF_CPU)), ("cuda", [])):
+        s = gpucheck.Settings.quick(device)
+        [stage] = gpucheck._stage_processes(s, tiny_checkpoint, 1, "shm", tmp_path)
+        argv = list(stage.argv)
+        assert argv[argv.index("--threads") + 2:] == handoff  # CUDA stages: real CUDA IPC

@@ -9,7 +9,8 @@ time records why; the others still run):
 - parity:    DiT-XL/2 (random weights) in bf16 on the device vs float32 on the CPU;
 - forward:   forward ms and MFU at batch 1, 8, 32, 64, eager vs CUDA graphs;
 - pipelines: 1-, 2- and 4-stage pipelines of stage processes on the one device, with
-             `transport: grpc` and `transport: shm` (CUDA IPC between CUDA stages): the step
+             `transport: grpc` and `transport: shm` (CUDA IPC between CUDA stages; in the dry run
+             the same protocol over CPU shared memory, HANDOFF_CPU): the step
              latency of one request (exact, and async mode beside it with 2+ stages)
              and images/s at 16 clients; each row records the data path every hop's
              stream took (`paths`, from the stages' `data_path` log lines) and fails
@@ -69,6 +70,11 @@ def compute_dtype(device: str):
 
 GRAPH_BOUND = 0.02
 """Graph vs eager on the device: the same kernels except for the padded batch's blocking."""
+
+HANDOFF_CPU = ("--handoff", "cpu-shared")
+"""The CPU stages' handoff in the dry run: the cuda_ipc protocol (probe, handles in
+frames, import and copy, acknowledgement, the sender's ledger, outputs kept on the
+device) with torch's CPU shared memory in place of CUDA IPC (wire/cuda_ipc.CPU_SHARED)."""
 
 TRANSPORT_BOUND = 0.01
 """One request's final latents through the same number of stages, transport by transport
@@ -349,13 +355,15 @@ def stream_path(log: str) -> str | None:
 
 
 def expected_path(transport: str | None, device: str) -> str | None:
-    """The path every hop of a variant must take: `transport: shm` between CUDA stages
-    is CUDA IPC (what a GPU run proves), between CPU stages shared memory."""
+    """The path every hop of a variant must take: `transport: shm` is the cuda_ipc path,
+    by CUDA IPC handles between CUDA stages (what a GPU run proves) and, in the CPU dry
+    run, by the same protocol over torch's CPU shared memory (HANDOFF_CPU), so that the
+    dry run exercises the handoff code the GPU run depends on."""
     if transport is None:
         return None  # a tree without the transport field: whatever it does
     if transport == "grpc":
         return "grpc"
-    return "cuda_ipc" if device.startswith("cuda") else "shm"
+    return "cuda_ipc"
 
 
 def _stage_processes(s: Settings, path: Path, stages: int, transport: str | None,
@@ -380,9 +388,12 @@ def _stage_processes(s: Settings, path: Path, stages: int, transport: str | None
     name = f"{stages}-stages-{transport or 'default'}"
     config_path = folder / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
-    threads = 2 if s.device.startswith("cuda") else 1
+    cuda = s.device.startswith("cuda")
+    threads = 2 if cuda else 1
+    handoff = () if cuda else HANDOFF_CPU
     return [ServiceProcess(f"stage-{k}", ditserve_argv("stage", "--config", str(config_path),
-                                                      "--stage", str(k), "--threads", str(threads)),
+                                                      "--stage", str(k), "--threads", str(threads),
+                                                      *handoff),
                            f"127.0.0.1:{p}", folder / f"{name}-stage-{k}.log", thread_env(threads))
             for k, p in enumerate(ports)]
 
