@@ -12,6 +12,8 @@ WHEELS=(
     grpcio==1.85.1 grpcio-status==1.85.1 grpcio-health-checking==1.85.1
     grpcio-reflection==1.85.1 protobuf==7.36.2 googleapis-common-protos==1.76.0
     diffusers==0.42.1 importlib-metadata==10.2.0 lazy-importer==0.1.0
+    # for `gpu-check.sh --tests` (pytest may be missing from the image)
+    pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-timeout==2.4.0 packaging==26.4
 )
 rm -rf .whl && mkdir .whl
 "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

@@ -18,6 +18,12 @@
 #
 # The project itself is not installed: PYTHONPATH=services:client is enough (the gRPC
 # stubs are committed), for this script and every stage process it starts.
+#
+# `--tests` instead runs the test files whose CUDA tests skip on a CPU machine (CUDA IPC
+# between stage processes, the device's runner and graphs), with the same wheels (pytest
+# is carried too): a second call, as the check itself takes most of one call's 10 minutes:
+#
+#   run(command="bash scripts/gpu-check.sh --tests", carry=[".whl"], timeout_s=300)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,4 +56,9 @@ fi
 export PYTHONPATH="$ROOT/services:$ROOT/client${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
+CUDA_TESTS=(tests/wire/test_cuda_ipc.py tests/stage/test_stage_handoff.py
+            tests/stage/test_stage_runner.py tests/model/test_graphs.py)
+if [ "${1:-}" = --tests ]; then
+    exec "$PYTHON" -m pytest -q -p no:cacheprovider -rs "${CUDA_TESTS[@]}"
+fi
 exec "$PYTHON" -m ditserve.bench.gpucheck "$@"
