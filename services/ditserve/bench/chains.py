@@ -19,6 +19,7 @@ from ditserve.chain.base import ChainOutput
 from ditserve.chain.local import LocalChain
 from ditserve.chain.remote import RemoteChain
 from ditserve.model import DiT
+from ditserve.stage.runner import compute_dtype
 
 from .procs import StageProcesses
 
@@ -50,11 +51,6 @@ class TimedLocalChain(LocalChain):
         return super()._run(tensors)
 
 
-def stage_dtype(device: str) -> torch.dtype:
-    """The compute dtype of a stage on `device` (entrypoints/stage.py): bf16 on CUDA."""
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
 async def open_variants(stack: AsyncExitStack, model: DiT, checkpoint: Path,
                         stage_counts: Sequence[int], stage_threads: dict[int, int],
                         device: str = "cpu", wire_dtype: str = "bf16",
@@ -68,7 +64,7 @@ async def open_variants(stack: AsyncExitStack, model: DiT, checkpoint: Path,
     for i, threads in enumerate(monolith_threads or [0]):
         chain = (TimedLocalChain.from_model(model, 1, "fp32") if device == "cpu" else
                  TimedLocalChain.from_checkpoint(checkpoint, 1, "fp32", device=device,
-                                                 dtype=stage_dtype(device)))
+                                                 dtype=compute_dtype(device)))
         chain.threads = threads
         stack.push_async_callback(chain.close)
         variants.append(Variant("monolith" if i == 0 else f"monolith, {threads} thread(s)", 1,

@@ -61,13 +61,6 @@ PARITY_BOUND = 0.05
 (u = 2^-9) at every layer; through 28 blocks that stays at a few 1e-3 to 1e-2 of the
 output's scale. A wrong kernel or dtype path is far above it."""
 
-def compute_dtype(device: str):
-    """bf16 on CUDA, what a CUDA stage computes in; float32 on the CPU, what a CPU stage
-    computes in (and fast there: the dry run's bf16 path is the parity part's)."""
-    import torch
-
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
 GRAPH_BOUND = 0.02
 """Graph vs eager on the device: the same kernels except for the padded batch's blocking."""
 
@@ -205,6 +198,7 @@ def part_forward(s: Settings) -> dict[str, Any]:
     import torch
 
     from ditserve.stage import StageRunner
+    from ditserve.stage.runner import compute_dtype
 
     from .forward import forward_flops
     from .weights import random_model
@@ -432,6 +426,8 @@ async def _requests(chain, config, s: Settings, stages: int, clients: int, steps
 
 def part_diffusers(s: Settings) -> dict[str, Any]:
     import torch
+
+    from ditserve.stage.runner import compute_dtype
 
     from .peer import pipeline, small_vae
     from .weights import random_model

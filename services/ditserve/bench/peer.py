@@ -22,8 +22,9 @@ import torch
 from ditserve.config import CoordinatorConfig
 from ditserve.coordinator.engine import Engine
 from ditserve.coordinator.spec import GenerationSpec
+from ditserve.stage.runner import compute_dtype
 
-from .chains import Variant, open_variants, stage_dtype
+from .chains import Variant, open_variants
 from .report import Report, spread
 from .weights import checkpoint, diffusers_transformer, random_model
 
@@ -132,7 +133,7 @@ async def _run(s: Settings) -> Report:
     vae = small_vae(s.device)
     # diffusers in the stages' compute dtype (bf16 on a GPU, the VAE with it), or the
     # comparison would time fp32 kernels against ditserve's bf16 ones.
-    pipe = pipeline(model, vae, s.device).to(s.device, stage_dtype(s.device))
+    pipe = pipeline(model, vae, s.device).to(s.device, compute_dtype(s.device))
     with tempfile.TemporaryDirectory(prefix="ditserve-bench-") as folder:
         path = checkpoint(model, folder)
         async with AsyncExitStack() as stack:

@@ -159,12 +159,13 @@ def _device_options(device: str, wire_dtype: str, max_batch: int,
     """float32 on the CPU, bf16 on CUDA (the paper's weights are fp32; bf16 halves memory)."""
     import torch
 
+    from ditserve.stage.runner import compute_dtype
+
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: CUDA is not available on this machine")
     if max_batch < 1:
         raise CommandError(f"--max-batch must be positive, got {max_batch}")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"device": device, "dtype": dtype, "wire_dtype": wire_dtype,
+    return {"device": device, "dtype": compute_dtype(device), "wire_dtype": wire_dtype,
             "max_batch_size": max_batch, "metrics_port": metrics_port}
 
 

@@ -55,6 +55,12 @@ class StageDescription:
     serving: bool = True
 
 
+
+def compute_dtype(device: str) -> torch.dtype:
+    """What a stage on `device` computes in: bf16 on CUDA (tensor cores, half the memory),
+    float32 on the CPU (where bf16 GEMMs are slow)."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
 class StageRunner:
     """Blocks [start, end) of a DiT (with the embedders on stage 0, the head on the last)."""
 
